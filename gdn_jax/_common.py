@@ -1,0 +1,137 @@
+"""Argument checking and the small pieces every path shares.
+
+Every path (reference, XLA recurrent, XLA chunked, Pallas) takes the same canonical
+arguments: q, k `[B, T, Hk, K]`, v `[B, T, Hv, V]`, g `[B, T, Hv]` (GDA) or
+`[B, T, Hv, K]` (KDA), beta `[B, T, Hv]` and a float32 initial state `[B, Hv, K, V]`.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+IMPLS = ("auto", "reference", "recurrent", "chunked")
+BACKENDS = ("auto", "xla", "pallas")
+INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+# exp() of anything below this underflows to 0 in float32; clamping keeps every
+# gate finite (SPEC section 1 allows it) without changing any result.
+G_MIN = -104.0
+L2NORM_EPS = 1e-6
+
+
+class Dims(NamedTuple):
+    """Static sizes of one call."""
+
+    B: int
+    T: int
+    Hk: int
+    Hv: int
+    K: int
+    V: int
+    kda: bool
+
+    @property
+    def group(self) -> int:
+        """Value heads per q/k head."""
+        return self.Hv // self.Hk
+
+
+def _dtype_name(x) -> str:
+    return str(jnp.result_type(x))
+
+
+def _check_float(name: str, x, allowed) -> None:
+    dt = jnp.result_type(x)
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating array ({', '.join(str(a) for a in allowed)}), got dtype {dt}")
+    if dt not in allowed:
+        raise TypeError(f"{name} has dtype {dt}; expected one of {', '.join(str(a) for a in allowed)}")
+
+
+def check_inputs(q, k, v, g, beta, initial_state=None, *, scale=None, impl="auto",
+                 backend="auto") -> Dims:
+    """Validates shapes, dtypes and options at trace time; returns the sizes.
+
+    Raises TypeError for bad dtypes or option types and ValueError for bad shapes or
+    option values, naming the argument, what it got and what was expected.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 ([B, T, H, D]), got {name}.shape={tuple(x.shape)}")
+    _check_float("q", q, INPUT_DTYPES)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got q.dtype={q.dtype}, "
+                        f"k.dtype={k.dtype}, v.dtype={v.dtype}")
+    if tuple(k.shape) != tuple(q.shape):
+        raise ValueError(f"k must have the shape of q, got q.shape={tuple(q.shape)} and "
+                         f"k.shape={tuple(k.shape)}")
+    B, T, Hk, K = q.shape
+    Bv, Tv, Hv, V = v.shape
+    if (Bv, Tv) != (B, T):
+        raise ValueError(f"v must agree with q on axes 0 and 1 (B, T), got q.shape={tuple(q.shape)} "
+                         f"and v.shape={tuple(v.shape)}")
+    if min(Hk, K, Hv, V) < 1:
+        raise ValueError(f"head counts and head sizes must be positive, got q.shape={tuple(q.shape)} "
+                         f"and v.shape={tuple(v.shape)}")
+    if Hv % Hk:
+        raise ValueError(f"the number of value heads must be a multiple of the number of q/k heads, "
+                         f"got Hv={Hv} (v.shape={tuple(v.shape)}) and Hk={Hk} (q.shape={tuple(q.shape)})")
+    gate_dtypes = tuple(dict.fromkeys((jnp.dtype(jnp.float32), jnp.dtype(q.dtype))))
+    _check_float("g", g, gate_dtypes)
+    _check_float("beta", beta, gate_dtypes)
+    if tuple(g.shape) == (B, T, Hv):
+        kda = False
+    elif tuple(g.shape) == (B, T, Hv, K):
+        kda = True
+    else:
+        raise ValueError(f"g must have shape [B, T, Hv]={[B, T, Hv]} (GDA) or [B, T, Hv, K]="
+                         f"{[B, T, Hv, K]} (KDA), got g.shape={tuple(g.shape)}")
+    if tuple(beta.shape) != (B, T, Hv):
+        raise ValueError(f"beta must have shape [B, T, Hv]={[B, T, Hv]}, got beta.shape={tuple(beta.shape)}")
+    if initial_state is not None:
+        if not hasattr(initial_state, "shape"):
+            raise TypeError(f"initial_state must be an array or None, got {type(initial_state).__name__}")
+        _check_float("initial_state", initial_state, (jnp.dtype(jnp.float32),))
+        if tuple(initial_state.shape) != (B, Hv, K, V):
+            raise ValueError(f"initial_state must have shape [N, Hv, K, V]={[B, Hv, K, V]}, "
+                             f"got initial_state.shape={tuple(initial_state.shape)}")
+    if scale is not None:
+        if isinstance(scale, jax.core.Tracer) or not isinstance(scale, (numbers.Real, np.floating)):
+            raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+        if not np.isfinite(float(scale)):
+            raise ValueError(f"scale must be finite, got scale={scale}")
+    return Dims(B, T, Hk, Hv, K, V, kda)
+
+
+def l2norm(x: jax.Array) -> jax.Array:
+    """`x * rsqrt(sum(x**2) + 1e-6)` over the last axis, in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2NORM_EPS)
+
+
+def prepare(q, k, v, g, beta, *, use_qk_l2norm: bool):
+    """Casts every input to float32, l2-normalises q and k if asked, clamps g."""
+    q = q.astype(jnp.float32)
+    k = k.astype(jnp.float32)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    g = jnp.maximum(g.astype(jnp.float32), G_MIN)
+    return q, k, v.astype(jnp.float32), g, beta.astype(jnp.float32)
+
+
+def default_scale(scale, K: int) -> float:
+    return float(K) ** -0.5 if scale is None else float(scale)

@@ -1,0 +1,40 @@
+"""The oracle: the gated delta rule as a token-by-token `jax.lax.scan`, float32.
+
+Written for clarity, not speed. Every other path is tested against it; it is also
+differentiable by plain autodiff (it stores one state per token for the backward).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ._common import HIGHEST, prepare
+
+
+def reference_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
+                              use_qk_l2norm: bool = False):
+    """Runs SPEC section 1 literally, one token at a time.
+
+    Args: canonical arrays (see `gdn_jax._common`); `initial_state` is `[B, Hv, K, V]`
+    float32. Returns `(o [B, T, Hv, V] in q.dtype, final_state [B, Hv, K, V] float32)`.
+    """
+    out_dtype = q.dtype
+    q, k, v, g, beta = prepare(q, k, v, g, beta, use_qk_l2norm=use_qk_l2norm)
+    group = v.shape[2] // q.shape[2]
+    # Clarity over speed: materialise the q/k head of every value head.
+    q = jnp.repeat(q, group, axis=2)
+    k = jnp.repeat(k, group, axis=2)
+    kda = g.ndim == 4
+
+    def step(S, xs):
+        q_t, k_t, v_t, g_t, b_t = xs  # [B, Hv, K], [B, Hv, K], [B, Hv, V], [B, Hv(, K)], [B, Hv]
+        decay = jnp.exp(g_t)
+        S = S * (decay[..., :, None] if kda else decay[..., None, None])
+        u = b_t[..., None] * (v_t - jnp.einsum("bhkv,bhk->bhv", S, k_t, precision=HIGHEST))
+        S = S + k_t[..., :, None] * u[..., None, :]
+        o_t = jnp.einsum("bhkv,bhk->bhv", S, q_t * scale, precision=HIGHEST)
+        return S, o_t
+
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta))
+    S, o = jax.lax.scan(step, initial_state.astype(jnp.float32), xs)
+    return jnp.moveaxis(o, 0, 1).astype(out_dtype), S
