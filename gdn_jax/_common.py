@@ -16,6 +16,7 @@ import numpy as np
 HIGHEST = jax.lax.Precision.HIGHEST
 
 IMPLS = ("auto", "reference", "recurrent", "chunked")
+STATE_LAYOUTS = ("kv", "vk")
 BACKENDS = ("auto", "xla", "pallas")
 INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -56,7 +57,7 @@ def _check_float(name: str, x, allowed) -> None:
 
 
 def check_inputs(q, k, v, g, beta, initial_state=None, *, scale=None, impl="auto",
-                 backend="auto") -> Dims:
+                 backend="auto", state_layout="kv") -> Dims:
     """Validates shapes, dtypes and options at trace time; returns the sizes.
 
     Raises TypeError for bad dtypes or option types and ValueError for bad shapes or
@@ -66,6 +67,8 @@ def check_inputs(q, k, v, g, beta, initial_state=None, *, scale=None, impl="auto
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if state_layout not in STATE_LAYOUTS:
+        raise ValueError(f"state_layout={state_layout!r} is not one of {STATE_LAYOUTS}")
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"{name} must be an array, got {type(x).__name__}")
@@ -106,9 +109,12 @@ def check_inputs(q, k, v, g, beta, initial_state=None, *, scale=None, impl="auto
         if not hasattr(initial_state, "shape"):
             raise TypeError(f"initial_state must be an array or None, got {type(initial_state).__name__}")
         _check_float("initial_state", initial_state, (jnp.dtype(jnp.float32),))
-        if tuple(initial_state.shape) != (B, Hv, K, V):
-            raise ValueError(f"initial_state must have shape [N, Hv, K, V]={[B, Hv, K, V]}, "
-                             f"got initial_state.shape={tuple(initial_state.shape)}")
+        want = (B, Hv, K, V) if state_layout == "kv" else (B, Hv, V, K)
+        if tuple(initial_state.shape) != want:
+            axes = "[N, Hv, K, V]" if state_layout == "kv" else "[N, Hv, V, K]"
+            raise ValueError(f"initial_state must have shape {axes}={list(want)} "
+                             f"(state_layout={state_layout!r}), got initial_state.shape="
+                             f"{tuple(initial_state.shape)}")
     if scale is not None:
         if isinstance(scale, jax.core.Tracer) or not isinstance(scale, (numbers.Real, np.floating)):
             raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")

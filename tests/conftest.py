@@ -1,0 +1,16 @@
+"""Test configuration: CPU unless a GPU exists, and hypothesis profiles."""
+import os
+
+if "JAX_PLATFORMS" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+    # The optional CUDA plugin (installed for the compile tests) would otherwise try to
+    # initialise a GPU and print a traceback on machines without one.
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Every new shape compiles, so no deadline; CI caps the examples to stay in budget.
+settings.register_profile("ci", deadline=None, max_examples=6, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", deadline=None, max_examples=25,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

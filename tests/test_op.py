@@ -1,0 +1,96 @@
+"""Every path of the public op against the scan reference, and the reference against float64 numpy."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gdn_jax import gated_delta_net, reference_gated_delta_net
+from helpers import Case, make_inputs, numpy_reference, pairwise, rel_err, tolerance, vjp_all
+
+# Every value of every axis of the issue, combined pairwise (not as a full product).
+AXES = {
+    "kda": [False, True],
+    "group": [1, 2, 4],
+    "Hk": [1, 2],
+    "T": [1, 7, 63, 64, 65, 200],
+    "B": [1, 3],
+    "K": [16, 64, 128],
+    "V": [16, 64, 128],
+    "h0": [False, True],
+    "l2norm": [False, True],
+    "scale": [None, 0.3],
+    "dtype": ["f32", "bf16", "f16"],
+}
+
+
+CASES = [Case(**row) for row in pairwise(AXES)]
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_run(case: Case):
+    """float32 reference on the same (possibly low-precision-rounded) inputs: o, state, grads."""
+    args, h0 = make_inputs(case)
+    args32 = tuple(x.astype(jnp.float32) for x in args)
+    fn = jax.jit(lambda q, k, v, g, b, s: reference_gated_delta_net(
+        q, k, v, g, b, s, scale=case.scale or case.K ** -0.5, use_qk_l2norm=case.l2norm))
+    return vjp_all(fn, args32, h0)
+
+
+def _op(case: Case, **kw):
+    def fn(q, k, v, g, b, s):
+        return gated_delta_net(q, k, v, g, b, scale=case.scale, initial_state=s,
+                               output_final_state=True, use_qk_l2norm_in_kernel=case.l2norm, **kw)
+    return jax.jit(fn)
+
+
+def check_against_reference(case: Case, impl: str, tol_impl: str | None = None, **kw):
+    args, h0 = make_inputs(case)
+    (o, s), grads = vjp_all(_op(case, impl=impl, **kw), args, h0)
+    (o_ref, s_ref), grads_ref = _reference_run(case)
+    assert o.dtype == args[0].dtype and o.shape == o_ref.shape
+    assert s.dtype == jnp.float32
+    tol_out, tol_grad = tolerance(tol_impl or impl, case.dtype)
+    errs = {"o": rel_err(o, o_ref), "state": rel_err(s, s_ref)}
+    for name, gx, gr, x in zip("q k v g beta h0".split(), grads, grads_ref, args + (None,)):
+        if x is not None:
+            assert gx.dtype == x.dtype, (name, gx.dtype, x.dtype)
+        errs["d" + name] = rel_err(gx, gr)
+    bad = {n: e for n, e in errs.items() if not e <= (tol_out if n in ("o", "state") else tol_grad)}
+    assert not bad, f"{case} impl={impl}: errors over tolerance {bad} (all: {errs})"
+
+
+@pytest.mark.parametrize("impl", ["recurrent", "chunked", "auto"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_impl_matches_reference(case, impl):
+    check_against_reference(case, impl, backend="xla",
+                            tol_impl="chunked" if impl == "auto" else impl)
+
+
+REF_CASES = [Case(), Case(kda=True, group=2, T=9, B=2, K=16, V=8, h0=True, l2norm=False, scale=0.5),
+             Case(group=4, T=20, K=32, V=16, h0=True, gmin=-30.0),
+             Case(kda=True, T=12, K=8, V=24, gmin=-30.0)]
+
+
+@pytest.mark.parametrize("case", REF_CASES, ids=str)
+def test_reference_matches_float64_numpy(case):
+    args, h0 = make_inputs(case)
+    o, s = reference_gated_delta_net(*args, jnp.zeros((case.B, case.Hv, case.K, case.V)) if h0 is None else h0,
+                                     scale=case.scale or case.K ** -0.5, use_qk_l2norm=case.l2norm)
+    o64, s64 = numpy_reference(*args, h0, scale=case.scale, l2norm=case.l2norm)
+    assert rel_err(o, o64) < 1e-5
+    assert rel_err(s, s64) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["reference", "recurrent", "chunked"])
+def test_public_op_matches_float64_numpy(impl):
+    case = Case(kda=True, group=2, T=70, B=2, K=16, V=32, h0=True, Hk=2, gmin=-5.0)
+    args, h0 = make_inputs(case)
+    o, s = gated_delta_net(*args, initial_state=h0, output_final_state=True, impl=impl,
+                           use_qk_l2norm_in_kernel=True)
+    o64, s64 = numpy_reference(*args, h0, l2norm=True)
+    tol = 1e-4 if impl == "chunked" else 1e-5
+    assert rel_err(o, o64) < tol and rel_err(s, s64) < tol
