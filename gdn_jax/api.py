@@ -102,7 +102,9 @@ def _xla_fn(cfg: _Config, impl: str):
     return fn
 
 
-def _forward(cfg: _Config, q, k, v, g, beta, h0):
+def _forward(cfg: _Config, q, k, v, g, beta, h0, *, alias_state: bool):
+    """Runs the selected path. alias_state: let a Pallas kernel write the final state over the
+    initial one (in place when the caller donates it); off when h0 is kept for the backward."""
     xla_fn = _xla_fn(cfg, cfg.impl)
     if cfg.backend == "xla":
         return xla_fn(q, k, v, g, beta, h0)
@@ -112,7 +114,8 @@ def _forward(cfg: _Config, q, k, v, g, beta, h0):
         return mod.fused_recurrent(q, k, v, g, beta, h0, scale=cfg.scale,
                                    use_qk_l2norm=cfg.use_qk_l2norm,
                                    output_final_state=cfg.output_final_state,
-                                   interpret=cfg.interpret, state_layout=cfg.state_layout)
+                                   interpret=cfg.interpret, state_layout=cfg.state_layout,
+                                   alias_state=alias_state)
 
     if cfg.backend == "pallas":
         return pallas_fn(q, k, v, g, beta, h0)
@@ -130,11 +133,11 @@ def _backward_fn(cfg: _Config, T: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gdn(cfg: _Config, q, k, v, g, beta, h0):
-    return _forward(cfg, q, k, v, g, beta, h0)
+    return _forward(cfg, q, k, v, g, beta, h0, alias_state=True)
 
 
 def _gdn_fwd(cfg, q, k, v, g, beta, h0):
-    return _forward(cfg, q, k, v, g, beta, h0), (q, k, v, g, beta, h0)
+    return _forward(cfg, q, k, v, g, beta, h0, alias_state=False), (q, k, v, g, beta, h0)
 
 
 def _gdn_bwd(cfg, residuals, cotangents):

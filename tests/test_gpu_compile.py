@@ -1,0 +1,124 @@
+"""CUDA lowering and compile-only H100 checks of the Pallas recurrent kernel (no GPU needed).
+
+- In process (jax alone): the kernel lowers for CUDA, and the Triton IR of a float32 kernel
+  has no TF32 dot (the checker itself is tested on a control kernel).
+- In one subprocess (needs jax-cuda12-plugin + jax-cuda12-pjrt and a ptxas; skipped otherwise):
+  XLA compiles every kernel of `tests/gpu_compile.py` for sm_90a; no register spills, shared
+  memory within the per-block limit, a donated state is aliased in place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu_compile  # noqa: E402
+
+from gdn_jax.kernels import recurrent  # noqa: E402
+
+S = jax.ShapeDtypeStruct
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tf32_dots(tt_ir: str) -> list[str]:
+    """tt.dot ops with float32 operands that do not run at full (IEEE) float32 precision."""
+    return [line.strip() for line in tt_ir.splitlines()
+            if "tt.dot" in line and "xf32>" in line.split(":")[-1].split("->")[0]
+            and re.search(r"inputPrecision = tf32", line)]
+
+
+def _control_dot(precision):
+    def kernel(a_ref, b_ref, o_ref):
+        o_ref[...] = jnp.dot(a_ref[...], b_ref[...], precision=precision)
+    return lambda a, b: pl.pallas_call(kernel, out_shape=S((16, 16), jnp.float32),
+                                       compiler_params=plt.CompilerParams(num_warps=1))(a, b)
+
+
+def test_precision_checker_flags_tf32():
+    x = S((16, 16), jnp.float32)
+    (default,) = gpu_compile.triton_kernels(_control_dot(None), x, x)
+    (highest,) = gpu_compile.triton_kernels(_control_dot(jax.lax.Precision.HIGHEST), x, x)
+    assert tf32_dots(default["ir"]) and not tf32_dots(highest["ir"])
+
+
+@pytest.mark.parametrize("kda", [False, True])
+def test_float32_kernel_is_full_precision(kda):
+    B, T, Hk, Hv, K, V = 2, 4, 2, 4, 128, 128
+    args = (S((B, T, Hk, K), jnp.float32), S((B, T, Hk, K), jnp.float32), S((B, T, Hv, V), jnp.float32),
+            S((B, T, Hv, K) if kda else (B, T, Hv), jnp.float32), S((B, T, Hv), jnp.float32),
+            S((B, Hv, K, V), jnp.float32))
+    (k,) = gpu_compile.triton_kernels(
+        lambda *a: recurrent.fused_recurrent(*a, scale=0.1, use_qk_l2norm=True), *args)
+    ir = k["ir"]
+    assert k["name"].startswith("gdn_recurrent_")
+    assert not tf32_dots(ir) and "tf32" not in ir
+    # The matvecs S^T k and S^T q are float32 multiply + tt.reduce (no dot at one token a step).
+    assert re.search(r"tt\.reduce", ir) and re.search(r"arith\.addf .*: f32", ir)
+    assert "scf.for" in ir  # tokens are looped inside the kernel
+    bv, nw = recurrent.choose_config(B, Hv, K, V)
+    assert k["grid"] == [B, Hv, V // bv] and k["num_warps"] == nw
+
+
+@pytest.fixture(scope="module")
+def compile_report():
+    reason = gpu_compile.unavailable_reason()
+    if reason:
+        pytest.skip(f"CUDA compile checks need jax-cuda12-plugin, jax-cuda12-pjrt and ptxas: {reason}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "gpu_compile.py")], capture_output=True,
+                       text=True, timeout=600, env=env, cwd=os.path.dirname(HERE))
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("GPU_COMPILE_JSON ")), None)
+    assert p.returncode == 0 and line, (
+        f"compile subprocess failed (rc={p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return json.loads(line[len("GPU_COMPILE_JSON "):])
+
+
+def test_every_kernel_compiles_for_sm90a(compile_report):
+    assert len(compile_report) >= 13
+    for case in compile_report:
+        assert "error" not in case, f"{case['case']}: {case.get('error')}"
+        assert len(case["kernels"]) == 1, case  # one pallas kernel per call
+        (k,) = case["kernels"]
+        assert k["arch"] == "sm_90a" and k["registers"] > 0, (case["case"], k)
+        assert k["num_warps"] in (1, 2, 4, 8)
+
+
+def test_no_spills_and_smem_within_limit(compile_report):
+    for case in compile_report:
+        for k in case["kernels"]:
+            assert k["spill_stores"] == 0 and k["spill_loads"] == 0, (case["case"], k)
+            assert k.get("stack_frame", 0) == 0, (case["case"], k)
+            assert k["smem"] <= gpu_compile.H100_SMEM_PER_BLOCK, (case["case"], k)
+
+
+def test_k128_f32_bf16_no_spills(compile_report):
+    """K=V=128: decode (T=1) and short chunks (T=8, 64), float32 and bfloat16 inputs."""
+    seen = set()
+    bv, _ = recurrent.choose_config(32, 32, 128, 128)
+    for case in compile_report:
+        m = re.match(r"(gda|kda) (float32|bfloat16) (kv|vk) B=32 T=(\d+) Hv=32 K=128 V=128 h0 ht",
+                     case["case"])
+        if m:
+            (k,) = case["kernels"]
+            assert k["spill_stores"] == 0 and k["spill_loads"] == 0, (case["case"], k)
+            assert k["grid"] == [32, 32, 128 // bv]
+            seen.add(m.groups())
+    # {gda, kda} x {f32, bf16} x {kv, vk} at T=1, plus four T>1 cases
+    assert len({s for s in seen if s[3] == "1"}) == 8 and len(seen) == 12
+
+
+def test_donated_state_is_updated_in_place(compile_report):
+    """A donated decode state: the kernel's output aliases it, no copy, no other kernel."""
+    for case in compile_report:
+        if " h0 ht" in case["case"]:
+            assert case["state_aliased"], case["case"]
+            assert case["copies"] == 0 and len(case["all_kernels"]) == 1, case
