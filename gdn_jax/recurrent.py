@@ -9,29 +9,49 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._common import HIGHEST, prepare
+from ._common import prepare
+
+
+def _matvec(S, x):
+    """`[.., K, V]` states against `[.., 2, K]` vectors -> `[.., 2, V]`, in one read of S.
+
+    Written as multiply-and-reduce: XLA on CPU runs these batched matrix-vector products as
+    one fused loop over S, several times faster than as a batched `dot` (benchmarks/README).
+    """
+    return jnp.sum(S[..., None, :, :] * x[..., :, None], axis=-2)
 
 
 def _step(S, q_t, k_t, v_t, g_t, b_t, *, scale: float, kda: bool):
     """One token for every sequence and head.
 
-    S: [B, Hk, G, K, V] (value heads grouped under their q/k head); q_t, k_t: [B, Hk, K];
-    v_t: [B, Hk, G, V]; g_t: [B, Hk, G] or [B, Hk, G, K]; b_t: [B, Hk, G].
+    S: [B, Hv, K, V]; q_t, k_t: [B, Hk, K]; v_t: [B, Hv, V]; g_t: [B, Hv] or [B, Hv, K];
+    b_t: [B, Hv]. The matvecs read S grouped as [B, Hk, G, K, V] (a free reshape), so q and k
+    are used per q/k head. The state keeps its [B, Hv, K, V] shape: XLA updates a donated
+    buffer in place only when the update's input and output shapes agree.
     """
+    B, Hv, K, V = S.shape
+    Hk = k_t.shape[1]
+    G = Hv // Hk
     a = jnp.exp(g_t)
     qs = q_t * scale
+    S5 = S.reshape(B, Hk, G, K, V)
     if kda:
         # decay on the key rows: S_d^T x = S^T (a * x), per value head
-        x = jnp.stack([a * k_t[:, :, None], a * qs[:, :, None]], axis=3)  # [B, Hk, G, 2, K]
-        p = jnp.einsum("bhgkv,bhgjk->bhgjv", S, x, precision=HIGHEST)
+        a5 = a.reshape(B, Hk, G, K)
+        x = jnp.stack([a5 * k_t[:, :, None], a5 * qs[:, :, None]], axis=3)  # [B, Hk, G, 2, K]
+        p = _matvec(S5, x)
     else:
-        x = jnp.stack([k_t, qs], axis=2)  # [B, Hk, 2, K], shared by the G value heads
-        p = jnp.einsum("bhgkv,bhjk->bhgjv", S, x, precision=HIGHEST) * a[..., None, None]
-    sk, sq = p[..., 0, :], p[..., 1, :]  # S_d^T k, S_d^T (scale q): [B, Hk, G, V]
+        x = jnp.stack([k_t, qs], axis=2)[:, :, None]  # [B, Hk, 1, 2, K], shared by the G value heads
+        p = _matvec(S5, x) * a.reshape(B, Hk, G, 1, 1)
+    p = p.reshape(B, Hv, 2, V)
+    sk, sq = p[:, :, 0], p[:, :, 1]  # S_d^T k, S_d^T (scale q): [B, Hv, V]
     u = b_t[..., None] * (v_t - sk)
-    o_t = sq + jnp.sum(k_t * qs, axis=-1)[:, :, None, None] * u
+    kq = jnp.sum(k_t * qs, axis=-1)  # [B, Hk]
+    o_t = sq + jnp.repeat(kq, G, axis=1)[..., None] * u
+    # one token's k per value head ([B, Hv, K], tiny) for the fused in-place update of S
+    k_v = jnp.broadcast_to(k_t[:, :, None], (B, Hk, G, K)).reshape(B, Hv, K)
     decay = a[..., :, None] if kda else a[..., None, None]
-    S = S * decay + k_t[:, :, None, :, None] * u[..., None, :]
+    S = S * decay + k_v[..., :, None] * u[..., None, :]
     return S, o_t
 
 
@@ -43,15 +63,10 @@ def recurrent_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     built, so `jax.jit(..., donate_argnums=...)` updates a donated state in place.
     """
     out_dtype = q.dtype
-    B, T, Hk, K = q.shape
-    Hv, V = v.shape[2], v.shape[3]
-    G = Hv // Hk
+    T = q.shape[1]
     kda = g.ndim == 4
     q, k, v, g, beta = prepare(q, k, v, g, beta, use_qk_l2norm=use_qk_l2norm)
-    v = v.reshape(B, T, Hk, G, V)
-    g = g.reshape((B, T, Hk, G, K) if kda else (B, T, Hk, G))
-    beta = beta.reshape(B, T, Hk, G)
-    S = initial_state.astype(jnp.float32).reshape(B, Hk, G, K, V)
+    S = initial_state.astype(jnp.float32)
 
     def step(S, xs):
         return _step(S, *xs, scale=scale, kda=kda)
@@ -63,4 +78,4 @@ def recurrent_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
         xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta))
         S, o = jax.lax.scan(step, S, xs)
         o = jnp.moveaxis(o, 0, 1)
-    return o.reshape(B, T, Hv, V).astype(out_dtype), S.reshape(B, Hv, K, V)
+    return o.astype(out_dtype), S

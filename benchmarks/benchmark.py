@@ -1,0 +1,187 @@
+"""Times every impl and backend of gdn_jax on prefill and decode shapes; prints tables of ms and ratios.
+
+    python benchmarks/benchmark.py                       # all sections, plot to benchmark_sweep.png
+    python benchmarks/benchmark.py --sections decode     # one section
+    python benchmarks/benchmark.py --quick               # fewer repetitions, smaller sweep
+
+Sections:
+  prefill  B=1, T=2048, Hk=16, Hv=32, K=V=128, float32: forward and forward+backward of each XLA path
+           against the fixed `lax.scan` yardstick (gdn_jax.benchmarking.yardstick_scan); compile times.
+  decode   B=32, Hk=16, Hv=32, K=V=128, T=1, state donated: one jitted step against `np.copyto` of the
+           64 MiB state (the floor: the state must be read and written once).
+  sweep    time against T (B=1, Hv=32, K=V=128) for reference, recurrent and chunked: the break-even
+           T that `impl="auto"` uses; saves a PNG plot when matplotlib is installed.
+  pallas   the Pallas kernels in interpret mode at a moderate size (a few MiB of state): numerics
+           against the reference and interpret-mode time (not a GPU time: no GPU here).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+if "JAX_PLATFORMS" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gdn_jax import gated_delta_net  # noqa: E402
+from gdn_jax.benchmarking import (Progress, Shape, copy_time_ms, make_inputs, table,  # noqa: E402
+                                  time_jitted, yardstick_scan)
+
+
+def _op(impl, backend="xla", interpret=False, donate=False):
+    def fn(q, k, v, g, beta, h0):
+        return gated_delta_net(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                               use_qk_l2norm_in_kernel=True, impl=impl, backend=backend,
+                               interpret=interpret)
+    return jax.jit(fn, donate_argnums=(5,) if donate else ())
+
+
+def _fwd_bwd(fn):
+    """Forward and backward: gradients of all inputs under a fixed random cotangent."""
+    def loss(*a):
+        o, s = fn(*a)
+        return jnp.sum(o * jnp.cos(o)) + jnp.sum(s * 0.01)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))
+
+
+def prefill(reps: int, progress_label=None):
+    rows = []
+    shapes = [Shape(1, 2048, 16, 32, 128, 128, False), Shape(1, 2048, 16, 32, 128, 128, True)]
+    scale = 128 ** -0.5
+    jobs = []
+    for shape in shapes:
+        args, h0 = make_inputs(shape)
+        if not shape.kda:
+            # the yardstick takes l2-normalised q/k like the op does with use_qk_l2norm_in_kernel
+            from gdn_jax._common import l2norm
+            ya = (l2norm(args[0]), l2norm(args[1])) + args[2:]
+            jobs.append((shape, "yardstick scan", jax.jit(functools.partial(yardstick_scan, scale=scale)),
+                         ya + (h0,), None))
+        for impl in ("recurrent", "chunked"):
+            jobs.append((shape, f"{impl} (xla)", _op(impl), args + (h0,), _fwd_bwd(_op(impl))))
+    results = {}
+    with Progress(len(jobs)) as p:
+        for shape, name, fwd, a, bwd in jobs:
+            t = time_jitted(fwd, *a, reps=reps)
+            tb = time_jitted(bwd, *a, reps=max(2, reps // 2)) if bwd is not None else None
+            results[(shape.kda, name)] = (t, tb)
+            p.step(f"{shape.kda and 'KDA' or 'GDA'} {name}")
+    base = results[(False, "yardstick scan")][0].median_ms
+    for (kda, name), (t, tb) in results.items():
+        rows.append(["KDA" if kda else "GDA", name, t.median_ms, f"{base / t.median_ms:.2f}x",
+                     tb.median_ms if tb else "-", t.compile_s, tb.compile_s if tb else "-"])
+    print(f"\nPrefill {shapes[0]} (float32, l2norm on); ratio = yardstick time / path time (higher is faster)")
+    print(table(rows, ["mode", "path", "fwd ms", "vs yardstick", "fwd+bwd ms", "fwd compile s",
+                       "fwd+bwd compile s"]))
+    return results
+
+
+def decode(reps: int):
+    shape = Shape(32, 1, 16, 32, 128, 128, False)
+    args, h0 = make_inputs(shape)
+    nbytes = h0.size * 4
+    copy_ms = copy_time_ms(nbytes)
+    rows = []
+    jobs = [("recurrent (xla)", "recurrent"), ("chunked (xla)", "chunked")]
+    with Progress(len(jobs) * 2) as p:
+        for kda in (False, True):
+            s = shape._replace(kda=kda)
+            a, h = make_inputs(s)
+            for name, impl in jobs:
+                fn = _op(impl, donate=True)
+                t = time_jitted(fn, *a, h, reps=reps, min_time_s=0.5, fresh_args=lambda: (*a, h + 0.0))
+                rows.append(["KDA" if kda else "GDA", name, t.median_ms, f"{t.median_ms / copy_ms:.2f}x"])
+                p.step(f"{'KDA' if kda else 'GDA'} {name}")
+    print(f"\nDecode step {shape}, float32, state donated ({nbytes / 2**20:.0f} MiB); "
+          f"np.copyto of the state: {copy_ms:.2f} ms")
+    print(table(rows, ["mode", "path", "ms", "vs one state copy"]))
+
+
+def sweep(reps: int, quick: bool, plot: str | None):
+    Ts = [1, 4, 16, 32, 64, 128, 256] if quick else [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256, 512]
+    impls = ["reference", "recurrent", "chunked"]
+    times = {impl: [] for impl in impls}
+    with Progress(len(Ts) * len(impls)) as p:
+        for T in Ts:
+            shape = Shape(1, T, 16, 32, 128, 128, False)
+            args, h0 = make_inputs(shape)
+            for impl in impls:
+                times[impl].append(time_jitted(_op(impl), *args, h0, reps=reps).median_ms)
+                p.step(f"T={T} {impl}")
+    rows = [[T] + [times[i][n] for i in impls] + [f"{times['chunked'][n] / times['recurrent'][n]:.2f}"]
+            for n, T in enumerate(Ts)]
+    print("\nForward time against T, GDA, B=1, Hk=16, Hv=32, K=V=128, float32 (ms)")
+    print(table(rows, ["T"] + impls + ["chunked / recurrent"]))
+    faster = [T for n, T in enumerate(Ts) if times["recurrent"][n] <= times["chunked"][n]]
+    print(f"recurrent is at least as fast as chunked for T in {faster}")
+    if plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("(matplotlib not installed: no plot)")
+            return
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for impl in impls:
+            ax.loglog(Ts, times[impl], "o-", label=f"{impl} (xla)")
+        ax.set_xlabel("T (tokens per call)")
+        ax.set_ylabel("forward time (ms)")
+        ax.set_title(f"gdn_jax on {jax.devices()[0].platform}: GDA, B=1, Hv=32, K=V=128")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        print(f"plot saved to {plot}")
+
+
+def pallas(reps: int):
+    from gdn_jax.reference import reference_gated_delta_net
+    shape = Shape(4, 16, 4, 16, 128, 128, False)  # 4 MiB of state, 512 programs
+    rows = []
+    impls = [("recurrent", s) for s in (shape, shape._replace(kda=True))]
+    with Progress(len(impls)) as p:
+        for impl, s in impls:
+            args, h0 = make_inputs(s)
+            fn = _op(impl, backend="pallas", interpret=True)
+            assert "pallas_call" in str(jax.make_jaxpr(fn)(*args, h0))
+            t = time_jitted(fn, *args, h0, reps=max(2, reps // 2))
+            o, st = fn(*args, h0)
+            o_ref, st_ref = reference_gated_delta_net(*args, h0, scale=128 ** -0.5, use_qk_l2norm=True)
+            err = float(jnp.linalg.norm(o - o_ref) / jnp.linalg.norm(o_ref))
+            err_s = float(jnp.linalg.norm(st - st_ref) / jnp.linalg.norm(st_ref))
+            rows.append(["KDA" if s.kda else "GDA", f"{impl} (pallas, interpret)", t.median_ms,
+                         f"{err:.1e}", f"{err_s:.1e}"])
+            p.step(f"{impl} {'KDA' if s.kda else 'GDA'}")
+    print(f"\nPallas kernels in interpret mode, {shape} (interpret-mode time, not a GPU time)")
+    print(table(rows, ["mode", "path", "ms", "o rel err", "state rel err"]))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", nargs="+", default=["prefill", "decode", "sweep", "pallas"],
+                    choices=["prefill", "decode", "sweep", "pallas"])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and a shorter sweep")
+    ap.add_argument("--plot", default="benchmark_sweep.png", help="PNG path for the sweep plot ('' for none)")
+    args = ap.parse_args(argv)
+    reps = 3 if args.quick else 7
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cpus)")
+    for section in args.sections:
+        if section == "prefill":
+            prefill(reps)
+        elif section == "decode":
+            decode(reps)
+        elif section == "sweep":
+            sweep(reps, args.quick, args.plot or None)
+        elif section == "pallas":
+            pallas(reps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
