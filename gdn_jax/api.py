@@ -51,14 +51,14 @@ def _resolve_impl(impl: str, dims: Dims) -> str:
 
 
 def _pallas_module(impl: str):
-    """The Pallas kernel module for `impl`, or None where none exists."""
+    """The Pallas kernel module for `impl` ("recurrent" or "chunked"), or None for the reference."""
     if impl == "recurrent":
-        try:
-            from .kernels import recurrent as mod  # noqa: PLC0415
-        except ImportError:
-            return None
-        return mod if hasattr(mod, "fused_recurrent") else None
-    return None
+        from .kernels import recurrent as mod  # noqa: PLC0415
+    elif impl == "chunked":
+        from .kernels import chunked as mod  # noqa: PLC0415
+    else:
+        return None
+    return mod
 
 
 def _resolve_backend(backend: str, impl: str, interpret: bool, args, state_layout: str) -> str:
@@ -70,8 +70,7 @@ def _resolve_backend(backend: str, impl: str, interpret: bool, args, state_layou
         return "xla"
     if backend == "xla":
         return "xla"
-    mod = _pallas_module(impl)
-    reason = "no Pallas kernel exists for this impl yet" if mod is None else mod.supports(*args, state_layout=state_layout)
+    reason = _pallas_module(impl).supports(*args, state_layout=state_layout)
     if backend == "pallas":
         if reason is not None:
             raise ValueError(f'backend="pallas" cannot serve impl="{impl}" for this call: {reason}. '
@@ -102,33 +101,64 @@ def _xla_fn(cfg: _Config, impl: str):
     return fn
 
 
+def _on_platform(cfg: _Config, pallas_fn, xla_fn):
+    """Pallas for backend "pallas"; for "auto-pallas" the platform decides at lowering (Pallas
+    on CUDA, XLA elsewhere), so lowering for CUDA works on a machine without a GPU."""
+    if cfg.backend == "pallas":
+        return pallas_fn
+    return lambda *a: jax.lax.platform_dependent(*a, cuda=pallas_fn, default=xla_fn)
+
+
 def _forward(cfg: _Config, q, k, v, g, beta, h0, *, alias_state: bool):
-    """Runs the selected path. alias_state: let a Pallas kernel write the final state over the
-    initial one (in place when the caller donates it); off when h0 is kept for the backward."""
+    """Runs the selected path. alias_state: let the recurrent kernel write the final state over
+    the initial one (in place when the caller donates it); off when h0 is kept for the backward."""
     xla_fn = _xla_fn(cfg, cfg.impl)
     if cfg.backend == "xla":
         return xla_fn(q, k, v, g, beta, h0)
-    mod = _pallas_module(cfg.impl)
+    kw = dict(scale=cfg.scale, use_qk_l2norm=cfg.use_qk_l2norm,
+              output_final_state=cfg.output_final_state, interpret=cfg.interpret)
+    if cfg.impl == "recurrent":
+        from .kernels.recurrent import fused_recurrent  # noqa: PLC0415
 
-    def pallas_fn(q, k, v, g, beta, h0):
-        return mod.fused_recurrent(q, k, v, g, beta, h0, scale=cfg.scale,
-                                   use_qk_l2norm=cfg.use_qk_l2norm,
-                                   output_final_state=cfg.output_final_state,
-                                   interpret=cfg.interpret, state_layout=cfg.state_layout,
-                                   alias_state=alias_state)
+        def pallas_fn(q, k, v, g, beta, h0):
+            return fused_recurrent(q, k, v, g, beta, h0, state_layout=cfg.state_layout,
+                                   alias_state=alias_state, **kw)
+    else:
+        from .kernels.chunked import chunked_forward  # noqa: PLC0415
 
-    if cfg.backend == "pallas":
-        return pallas_fn(q, k, v, g, beta, h0)
-    # "auto-pallas": the platform is decided at lowering, so lowering for CUDA works anywhere.
-    return jax.lax.platform_dependent(q, k, v, g, beta, h0, cuda=pallas_fn, default=xla_fn)
+        def pallas_fn(q, k, v, g, beta, h0):  # supports() declined "vk" already
+            return chunked_forward(q, k, v, g, beta, h0, **kw)
+
+    return _on_platform(cfg, pallas_fn, xla_fn)(q, k, v, g, beta, h0)
 
 
-def _backward_fn(cfg: _Config, T: int):
-    """The XLA function whose autodiff gives this call's gradients."""
+def _xla_backward(cfg: _Config, inputs, h0, cotangents):
+    """Gradients by autodiff of a memory-lean XLA path on the saved inputs."""
     impl = cfg.impl
-    if impl == "recurrent" and T > RECURRENT_BWD_MAX_T:
+    if impl == "recurrent" and inputs[0].shape[1] > RECURRENT_BWD_MAX_T:
         impl = "chunked"
-    return _xla_fn(cfg, impl)
+    fn = _xla_fn(cfg, impl)
+    if h0 is None:  # no state to differentiate: keep None out of jax.vjp
+        _, vjp = jax.vjp(lambda *a: fn(*a, None), *inputs)
+        return (*vjp(cotangents), None)
+    _, vjp = jax.vjp(fn, *inputs, h0)
+    return vjp(cotangents)
+
+
+def _pallas_backward(cfg: _Config, inputs, h0, cotangents):
+    """Gradients by the Pallas chunked backward kernels (state in the "kv" layout inside)."""
+    from .kernels.chunked import chunked_backward  # noqa: PLC0415
+
+    do, dht = cotangents
+    vk = cfg.state_layout == "vk"
+    if vk:
+        h0 = None if h0 is None else jnp.swapaxes(h0, -1, -2)
+        dht = None if dht is None else jnp.swapaxes(dht, -1, -2)
+    *grads, dh0 = chunked_backward(*inputs, h0, do, dht, scale=cfg.scale,
+                                   use_qk_l2norm=cfg.use_qk_l2norm, interpret=cfg.interpret)
+    if vk and dh0 is not None:
+        dh0 = jnp.swapaxes(dh0, -1, -2)
+    return (*grads, dh0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -142,12 +172,17 @@ def _gdn_fwd(cfg, q, k, v, g, beta, h0):
 
 def _gdn_bwd(cfg, residuals, cotangents):
     *inputs, h0 = residuals
-    fn = _backward_fn(cfg, inputs[0].shape[1])
-    if h0 is None:  # no state to differentiate: keep None out of jax.vjp
-        _, vjp = jax.vjp(lambda *a: fn(*a, None), *inputs)
-        return (*vjp(cotangents), None)
-    _, vjp = jax.vjp(fn, *inputs, h0)
-    return vjp(cotangents)
+    xla = functools.partial(_xla_backward, cfg)
+    if cfg.backend == "xla":
+        return xla(inputs, h0, cotangents)
+    # The forward ran on Pallas: use the Pallas chunked backward wherever it supports the call.
+    from .kernels.chunked import supports  # noqa: PLC0415
+    if supports(*inputs) is not None:  # (h0's shape was checked at the entry)
+        return xla(inputs, h0, cotangents)
+    pallas = functools.partial(_pallas_backward, cfg)
+    if cfg.backend == "pallas":
+        return pallas(inputs, h0, cotangents)
+    return jax.lax.platform_dependent(inputs, h0, cotangents, cuda=pallas, default=xla)
 
 
 _gdn.defvjp(_gdn_fwd, _gdn_bwd)

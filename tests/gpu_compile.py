@@ -3,7 +3,7 @@
 A small project-own version of /work/shared/tools/gpu_check. Needs jax-cuda12-plugin and
 jax-cuda12-pjrt (same version as jax) and a `ptxas` (PATH, /usr/local/cuda*/bin or $PTXAS).
 
-    python tests/gpu_compile.py            # compiles the recurrent kernel set, prints JSON
+    python tests/gpu_compile.py            # compiles the recurrent and chunked kernel sets, prints JSON
 
 The compile runs XLA's GPU pipeline (Triton -> LLVM NVPTX -> ptxas) for sm_90a; the PTX it
 dumps is re-assembled with `ptxas -v` for registers / spills, and the thunk sequence gives the
@@ -228,6 +228,32 @@ def _recurrent_cases():
     return cases
 
 
+def _chunked_cases():
+    """(label, fn, args) for the chunked kernels: forward and backward at the prefill shape
+    B=1, T=2048, Hk=16, Hv=32, K=V=128, bf16 inputs, float32 gates, l2norm, initial state."""
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from gdn_jax.kernels import chunked
+
+    S = jax.ShapeDtypeStruct
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    B, T, Hk, Hv, K, V = 1, 2048, 16, 32, 128, 128
+    args = [S((B, T, Hk, K), bf16), S((B, T, Hk, K), bf16), S((B, T, Hv, V), bf16),
+            S((B, T, Hv), f32), S((B, T, Hv), f32), S((B, Hv, K, V), f32)]
+
+    def fwd(*a):
+        return chunked.chunked_forward(*a, scale=K ** -0.5, use_qk_l2norm=True)
+
+    def bwd(*a):
+        return chunked.chunked_backward(*a, scale=K ** -0.5, use_qk_l2norm=True)
+
+    label = f"chunked {{}} bfloat16 B={B} T={T} Hk={Hk} Hv={Hv} K={K} V={V}"
+    return [(label.format("fwd"), fwd, args),
+            (label.format("bwd"), bwd, args + [S((B, T, Hv, V), bf16), S((B, Hv, K, V), f32)])]
+
+
 def main() -> int:
     reason = unavailable_reason()
     if reason:
@@ -242,6 +268,13 @@ def main() -> int:
             results.append({"case": label, "kernels": [k for k in ks if k["pallas"]],
                             "all_kernels": [k["name"] for k in ks], "state_aliased": aliased,
                             "copies": len(re.findall(r"= \S+ copy\(", hlo))})
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            results.append({"case": label, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
+    for label, fn, args in _chunked_cases():
+        try:
+            ks, _ = compile_h100(fn, *args)
+            results.append({"case": label, "kernels": [k for k in ks if k["pallas"]],
+                            "all_kernels": [k["name"] for k in ks]})
         except Exception as e:  # noqa: BLE001 - reported to the test
             results.append({"case": label, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
     print("GPU_COMPILE_JSON " + json.dumps(results))

@@ -82,7 +82,12 @@ def compile_report():
     return json.loads(line[len("GPU_COMPILE_JSON "):])
 
 
+def _recurrent(report):
+    return [c for c in report if not c["case"].startswith("chunked ")]
+
+
 def test_every_kernel_compiles_for_sm90a(compile_report):
+    compile_report = _recurrent(compile_report)
     assert len(compile_report) >= 13
     for case in compile_report:
         assert "error" not in case, f"{case['case']}: {case.get('error')}"
@@ -93,7 +98,7 @@ def test_every_kernel_compiles_for_sm90a(compile_report):
 
 
 def test_no_spills_and_smem_within_limit(compile_report):
-    for case in compile_report:
+    for case in _recurrent(compile_report):
         for k in case["kernels"]:
             assert k["spill_stores"] == 0 and k["spill_loads"] == 0, (case["case"], k)
             assert k.get("stack_frame", 0) == 0, (case["case"], k)
@@ -118,7 +123,52 @@ def test_k128_f32_bf16_no_spills(compile_report):
 
 def test_donated_state_is_updated_in_place(compile_report):
     """A donated decode state: the kernel's output aliases it, no copy, no other kernel."""
-    for case in compile_report:
+    for case in _recurrent(compile_report):
         if " h0 ht" in case["case"]:
             assert case["state_aliased"], case["case"]
             assert case["copies"] == 0 and len(case["all_kernels"]) == 1, case
+
+
+# ---- chunked kernels (kernels/chunked.py) ----------------------------------------------
+# Spill bytes per thread (ptxas, sm_90a) at the prefill shape, written down in kernels/README.md.
+# The forward state kernel spills a little (8 warps, BV = 32: the [64, 128] q/k/W chunk
+# operands next to the state tile); the backward gradient kernel spills heavily (it keeps ~20
+# chunk-sized float32 tiles live; splitting it is the open item in the README). The bounds
+# catch regressions.
+CHUNKED_SPILL_BOUND = {"gdn_chunk_prep": 0, "gdn_chunk_states": 0, "gdn_chunk_fwd": 256,
+                       "gdn_chunk_bwd_state": 256, "gdn_chunk_bwd_grad": 16384}
+
+
+def _chunked(report, which):
+    (case,) = [c for c in report if c["case"].startswith(f"chunked {which} ")]
+    assert "error" not in case, f"{case['case']}: {case.get('error')}"
+    return case
+
+
+@pytest.mark.parametrize("which,n", [("fwd", 2), ("bwd", 4)])
+def test_chunked_compiles_for_sm90a(compile_report, which, n):
+    """Forward (2 kernels) and backward (4 kernels) at B=1, T=2048, Hk=16, Hv=32, K=V=128, bf16."""
+    case = _chunked(compile_report, which)
+    assert len(case["kernels"]) == n, case
+    for k in case["kernels"]:
+        assert k["arch"] == "sm_90a" and k["registers"] > 0, k
+        assert k["smem"] <= gpu_compile.H100_SMEM_PER_BLOCK, k
+        bound = next(v for p, v in sorted(CHUNKED_SPILL_BOUND.items(), key=lambda x: -len(x[0]))
+                     if k["name"].startswith(p))
+        assert k.get("spill_stores", 0) <= bound, (k["name"], k.get("spill_stores"), bound)
+
+
+def test_chunked_float32_kernels_are_full_precision():
+    """Every float32 dot of the float32 chunked kernels (forward and backward) is IEEE, no TF32."""
+    from gdn_jax.kernels import chunked
+
+    f32 = jnp.float32
+    B, T, Hk, Hv, K, V = 1, 100, 1, 2, 64, 64
+    args = [S((B, T, Hk, K), f32), S((B, T, Hk, K), f32), S((B, T, Hv, V), f32), S((B, T, Hv), f32),
+            S((B, T, Hv), f32), S((B, Hv, K, V), f32)]
+    fwd = gpu_compile.triton_kernels(lambda *a: chunked.chunked_forward(*a, scale=0.1), *args)
+    bwd = gpu_compile.triton_kernels(lambda *a: chunked.chunked_backward(*a, scale=0.1),
+                                     *args, S((B, T, Hv, V), f32), S((B, Hv, K, V), f32))
+    assert len(fwd) == 2 and len(bwd) == 4
+    for k in fwd + bwd:
+        assert "tt.dot" in k["ir"] and not tf32_dots(k["ir"]) and "tf32" not in k["ir"], k["name"]

@@ -1,0 +1,199 @@
+"""The chunked Pallas kernels (forward and backward) in interpret mode against the reference.
+
+Each numeric test asserts that `pallas_call` is in the traced program. Buffers stay well under a
+MiB; grids stay small (interpret mode copies whole buffers at every grid step).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gdn_jax.kernels import chunked
+from gdn_jax.reference import reference_gated_delta_net
+
+F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
+# SPEC section 4, chunked paths: (outputs, gradients)
+TOL = {jnp.dtype(F32): (1e-4, 1e-4), jnp.dtype(BF16): (1e-2, 2e-2), jnp.dtype(F16): (5e-3, 1e-2)}
+GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
+
+
+def pallas_in_jaxpr(fn, *args) -> bool:
+    return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+def rel(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def make_inputs(B, T, Hk, Hv, K, V, *, dtype, l2, seed=0, gate_dtype=F32, gmin=None):
+    """Random inputs; without l2norm the keys are unit vectors (a contractive recurrence).
+    gmin: per-token gates uniform in [gmin, gmin + 0.5] (strong decay) instead of -softplus(N)."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+    q = jax.random.normal(ks[0], (B, T, Hk, K), F32)
+    k = jax.random.normal(ks[1], (B, T, Hk, K), F32)
+    if not l2:
+        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+        q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+    v = jax.random.normal(ks[2], (B, T, Hv, V), F32)
+    if gmin is None:
+        g = -jax.nn.softplus(jax.random.normal(ks[3], (B, T, Hv)))
+    else:
+        g = gmin + 0.5 * jax.random.uniform(ks[3], (B, T, Hv))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, Hv)))
+    h0 = jax.random.normal(ks[5], (B, Hv, K, V), F32)
+    return (q.astype(dtype), k.astype(dtype), v.astype(dtype), g.astype(gate_dtype),
+            beta.astype(gate_dtype), h0)
+
+
+# Pairwise-covering forward set over: dtype, group (Hv/Hk), T (ragged and whole chunks),
+# K, V, initial state, l2norm, final state, gate dtype.
+# (B, T, Hk, Hv, K, V, dtype, h0, l2, ht, gate dtype)
+FWD_CASES = [
+    (1, 100, 1, 2, 32, 32, F32, True, True, True, F32),      # ragged T, grouped
+    (2, 64, 2, 4, 16, 64, F32, False, False, True, F32),     # one whole chunk, K=16
+    (1, 130, 1, 2, 64, 32, BF16, True, True, False, BF16),   # three chunks, bf16 gates
+    (1, 37, 1, 4, 128, 16, F16, True, False, True, F32),     # K=128, group 4, f16
+    (2, 1, 1, 1, 16, 128, BF16, False, True, True, F32),     # T=1, V=128
+    (1, 128, 2, 2, 32, 32, F16, False, True, True, F16),     # two whole chunks
+]
+
+
+@pytest.mark.parametrize("B,T,Hk,Hv,K,V,dtype,has_h0,l2,ht,gdt", FWD_CASES)
+def test_forward_matches_reference(B, T, Hk, Hv, K, V, dtype, has_h0, l2, ht, gdt):
+    q, k, v, g, beta, h0 = make_inputs(B, T, Hk, Hv, K, V, dtype=dtype, l2=l2, gate_dtype=gdt)
+    scale = K ** -0.5
+    o_ref, s_ref = reference_gated_delta_net(q, k, v, g, beta, h0 if has_h0 else jnp.zeros_like(h0),
+                                             scale=scale, use_qk_l2norm=l2)
+    init = h0 if has_h0 else None
+    assert chunked.supports(q, k, v, g, beta, init) is None
+
+    def fn(q, k, v, g, beta, init):
+        return chunked.chunked_forward(q, k, v, g, beta, init, scale=scale, use_qk_l2norm=l2,
+                                       output_final_state=ht, interpret=True)
+
+    assert pallas_in_jaxpr(fn, q, k, v, g, beta, init)
+    o, s = jax.jit(fn)(q, k, v, g, beta, init)
+    assert o.dtype == q.dtype and o.shape == (B, T, Hv, V)
+    tol = TOL[jnp.dtype(dtype)][0]
+    assert rel(o, o_ref) < tol
+    if ht:
+        assert s.dtype == jnp.float32 and rel(s, s_ref) < tol
+    else:
+        assert s is None
+
+
+# (B, T, Hk, Hv, K, V, dtype, h0, l2, dht, gmin)
+BWD_CASES = [
+    (1, 100, 1, 2, 32, 32, F32, True, True, True, None),     # ragged T, grouped, all six
+    (1, 70, 1, 1, 16, 16, F32, True, True, True, -20.0),     # strong decay (g near -20)
+    (2, 64, 2, 4, 16, 64, F32, False, False, False, None),   # no h0, no dht, group 2
+    (1, 130, 1, 2, 64, 32, BF16, True, True, True, None),    # bf16, three chunks
+    (1, 33, 1, 2, 32, 16, F16, True, False, True, -5.0),     # f16, ragged single chunk
+]
+
+
+@pytest.mark.parametrize("B,T,Hk,Hv,K,V,dtype,has_h0,l2,has_dht,gmin", BWD_CASES)
+def test_backward_matches_reference(B, T, Hk, Hv, K, V, dtype, has_h0, l2, has_dht, gmin):
+    q, k, v, g, beta, h0 = make_inputs(B, T, Hk, Hv, K, V, dtype=dtype, l2=l2, gmin=gmin, seed=1)
+    scale = K ** -0.5
+
+    def ref(q, k, v, g, beta, h0):
+        return reference_gated_delta_net(q, k, v, g, beta, h0, scale=scale, use_qk_l2norm=l2)
+
+    h0r = h0 if has_h0 else jnp.zeros_like(h0)
+    (o, s), vjp = jax.vjp(ref, q, k, v, g, beta, h0r)
+    do = jax.random.normal(jax.random.PRNGKey(9), o.shape).astype(o.dtype)
+    dht = jax.random.normal(jax.random.PRNGKey(8), s.shape) if has_dht else None
+    grads_ref = vjp((do, dht if has_dht else jnp.zeros_like(s)))
+    init = h0 if has_h0 else None
+
+    def fn(q, k, v, g, beta, init, do, dht):
+        return chunked.chunked_backward(q, k, v, g, beta, init, do, dht, scale=scale,
+                                        use_qk_l2norm=l2, interpret=True)
+
+    args = (q, k, v, g, beta, init, do, dht)
+    assert pallas_in_jaxpr(fn, *args)
+    grads = jax.jit(fn)(*args)
+    tol = TOL[jnp.dtype(dtype)][1]
+    for name, x, r, inp in zip(GRAD_NAMES, grads, grads_ref, (q, k, v, g, beta, init)):
+        if inp is None:
+            assert x is None, name
+            continue
+        assert x.shape == inp.shape and x.dtype == inp.dtype, name
+        assert np.isfinite(np.asarray(x, np.float32)).all(), name
+        assert rel(x, r) < tol, (name, rel(x, r))
+
+
+def test_clamped_gates_have_zero_gradient():
+    """g below G_MIN (-104) is clamped like every path; its gradient is zero, all finite."""
+    q, k, v, g, beta, h0 = make_inputs(1, 20, 1, 1, 16, 16, dtype=F32, l2=True, seed=2)
+    g = g.at[:, 3].set(-1e4).at[:, 5].set(-jnp.inf)
+    o_ref, _ = reference_gated_delta_net(q, k, v, g, beta, h0, scale=0.25, use_qk_l2norm=True)
+    o, s = chunked.chunked_forward(q, k, v, g, beta, h0, scale=0.25, use_qk_l2norm=True, interpret=True)
+    assert rel(o, o_ref) < 1e-4
+    do = jnp.ones_like(o)
+    grads = chunked.chunked_backward(q, k, v, g, beta, h0, do, None, scale=0.25, use_qk_l2norm=True,
+                                     interpret=True)
+    for x in grads:
+        assert np.isfinite(np.asarray(x)).all()
+    assert float(grads[3][0, 3, 0]) == 0.0 and float(grads[3][0, 5, 0]) == 0.0
+
+
+S = jax.ShapeDtypeStruct
+
+
+def _sds(B=1, T=100, Hk=1, Hv=2, K=64, V=64, dtype=F32, kda=False, h0=True, h0_shape=None):
+    return (S((B, T, Hk, K), dtype), S((B, T, Hk, K), dtype), S((B, T, Hv, V), dtype),
+            S((B, T, Hv, K) if kda else (B, T, Hv), F32), S((B, T, Hv), F32),
+            S(h0_shape or (B, Hv, K, V), F32) if h0 else None)
+
+
+@pytest.mark.parametrize("kwargs,layout,needle", [
+    (dict(K=96), "kv", "K=96"),
+    (dict(V=512), "kv", "V=512"),
+    (dict(dtype=jnp.int32), "kv", "dtype"),
+    (dict(kda=True), "kv", "KDA"),
+    (dict(), "vk", "layout"),
+    (dict(h0_shape=(1, 2, 32, 64)), "kv", "initial_state"),
+])
+def test_supports_declines_with_reason(kwargs, layout, needle):
+    args = _sds(**kwargs)
+    reason = chunked.supports(*args, state_layout=layout)
+    assert isinstance(reason, str) and needle in reason
+    if layout == "kv":
+        arrays = [None if a is None else jnp.zeros(a.shape, a.dtype) for a in args]
+        with pytest.raises(ValueError, match="cannot serve"):
+            chunked.chunked_forward(*arrays, scale=0.1, interpret=True)
+
+
+def test_supports_accepts_shape_dtype_structs():
+    for K, V in ((16, 16), (128, 128), (256, 64)):
+        for dtype in (F32, BF16, F16):
+            assert chunked.supports(*_sds(K=K, V=V, dtype=dtype)) is None
+    assert chunked.supports(*_sds(h0=False)) is None
+
+
+def test_cpu_lowering_without_interpret_raises_naming_backend():
+    args = _sds(K=32, V=32)
+    fn = jax.jit(lambda *a: chunked.chunked_forward(*a, scale=0.1))
+    with pytest.raises(ValueError, match=r'backend="pallas".*interpret=True'):
+        fn.trace(*args).lower(lowering_platforms=("cpu",))
+    bargs = args + (S((1, 100, 2, 32), F32), None)
+    fn = jax.jit(lambda *a: chunked.chunked_backward(*a, scale=0.1))
+    with pytest.raises(ValueError, match=r'backend="pallas".*interpret=True'):
+        fn.trace(*bargs).lower(lowering_platforms=("cpu",))
+
+
+def test_lowers_for_cuda_without_a_gpu():
+    """Forward and backward lower for CUDA on this CPU-only machine (4 Triton kernels + 1)."""
+    args = _sds(B=1, T=200, Hk=2, Hv=4, K=64, V=64, dtype=BF16)
+    lowered = jax.jit(lambda *a: chunked.chunked_forward(*a, scale=0.1, use_qk_l2norm=True)).trace(
+        *args).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2
+    bargs = args + (S((1, 200, 4, 64), BF16), S((1, 4, 64, 64), F32))
+    lowered = jax.jit(lambda *a: chunked.chunked_backward(*a, scale=0.1, use_qk_l2norm=True)).trace(
+        *bargs).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 4
