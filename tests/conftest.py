@@ -9,7 +9,7 @@ if "JAX_PLATFORMS" not in os.environ and not os.path.exists("/dev/nvidiactl"):
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Every new shape compiles, so no deadline; CI caps the examples to stay in budget.
-settings.register_profile("ci", deadline=None, max_examples=6, derandomize=True,
+settings.register_profile("ci", deadline=None, max_examples=4, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", deadline=None, max_examples=25,
                           suppress_health_check=[HealthCheck.too_slow])
