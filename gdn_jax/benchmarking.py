@@ -97,8 +97,8 @@ def time_jitted(fn: Callable, *args, reps: int = 5, min_time_s: float = 0.0,
     return Timing(compile_s, 1e3 * float(np.median(times)), 1e3 * float(np.min(times)))
 
 
-def copy_time_ms(nbytes: int, reps: int = 20) -> float:
-    """Median time of `np.copyto` of `nbytes`: one read and one write, the decode floor."""
+def copy_time_ms(nbytes: int, reps: int = 20) -> Timing:
+    """Time of `np.copyto` of `nbytes`: one read and one write, the decode floor."""
     src = np.ones(nbytes // 4, np.float32)
     dst = np.empty_like(src)
     np.copyto(dst, src)
@@ -107,7 +107,7 @@ def copy_time_ms(nbytes: int, reps: int = 20) -> float:
         t0 = time.perf_counter()
         np.copyto(dst, src)
         times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+    return Timing(0.0, 1e3 * float(np.median(times)), 1e3 * float(np.min(times)))
 
 
 class Progress:
