@@ -49,9 +49,9 @@ def _fwd_bwd(fn):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))
 
 
-def prefill(reps: int, progress_label=None):
+def prefill(reps: int, modes=("GDA", "KDA")):
     rows = []
-    shapes = [Shape(1, 2048, 16, 32, 128, 128, False), Shape(1, 2048, 16, 32, 128, 128, True)]
+    shapes = [Shape(1, 2048, 16, 32, 128, 128, m == "KDA") for m in ("GDA", "KDA") if m in modes]
     scale = 128 ** -0.5
     jobs = []
     for shape in shapes:
@@ -71,7 +71,7 @@ def prefill(reps: int, progress_label=None):
             tb = time_jitted(bwd, *a, reps=max(2, reps // 2)) if bwd is not None else None
             results[(shape.kda, name)] = (t, tb)
             p.step(f"{shape.kda and 'KDA' or 'GDA'} {name}")
-    base = results[(False, "yardstick scan")][0].median_ms
+    base = results[(False, "yardstick scan")][0].median_ms if "GDA" in modes else float("nan")
     for (kda, name), (t, tb) in results.items():
         rows.append(["KDA" if kda else "GDA", name, t.median_ms, f"{base / t.median_ms:.2f}x",
                      tb.median_ms if tb else "-", t.compile_s, tb.compile_s if tb else "-"])
@@ -81,15 +81,17 @@ def prefill(reps: int, progress_label=None):
     return results
 
 
-def decode(reps: int):
+def decode(reps: int, modes=("GDA", "KDA")):
     shape = Shape(32, 1, 16, 32, 128, 128, False)
     args, h0 = make_inputs(shape)
     nbytes = h0.size * 4
     copy = copy_time_ms(nbytes, reps=50)
     rows = []
     jobs = [("recurrent (xla)", "recurrent"), ("chunked (xla)", "chunked")]
-    with Progress(len(jobs) * 2) as p:
+    with Progress(len(jobs) * len(modes)) as p:
         for kda in (False, True):
+            if ("KDA" if kda else "GDA") not in modes:
+                continue
             s = shape._replace(kda=kda)
             a, h = make_inputs(s)
             for name, impl in jobs:
@@ -168,15 +170,17 @@ def main(argv=None):
     ap.add_argument("--sections", nargs="+", default=["prefill", "decode", "sweep", "pallas"],
                     choices=["prefill", "decode", "sweep", "pallas"])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and a shorter sweep")
+    ap.add_argument("--modes", nargs="+", default=["GDA", "KDA"], choices=["GDA", "KDA"],
+                    help="gate modes for the prefill and decode sections")
     ap.add_argument("--plot", default="benchmark_sweep.png", help="PNG path for the sweep plot ('' for none)")
     args = ap.parse_args(argv)
     reps = 3 if args.quick else 7
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cpus)")
     for section in args.sections:
         if section == "prefill":
-            prefill(reps)
+            prefill(reps, args.modes)
         elif section == "decode":
-            decode(reps)
+            decode(reps, args.modes)
         elif section == "sweep":
             sweep(reps, args.quick, args.plot or None)
         elif section == "pallas":

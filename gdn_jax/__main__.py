@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     sl = (q[:, :, :hs], k[:, :, :hs], v[:, :, :hv], g[:, :, :hv], beta[:, :, :hv], h0[:, :hv])
 
     rows, results = [], {}
-    jobs = [("auto", full, "full"), ("chunked", full, "full"), ("recurrent", full, "full"),
+    jobs = [("auto", full, "full"), ("recurrent", full, "full"),
             ("reference", sl, f"{hs}/{shape.Hk} q/k heads")]
     with Progress(2 * len(jobs)) as p:
         for impl, a, what in jobs:

@@ -17,9 +17,10 @@ from .chunked import chunked_gated_delta_net
 from .recurrent import recurrent_gated_delta_net
 from .reference import reference_gated_delta_net
 
-# Measured on the project's 2-core CPU (benchmarks/benchmark.py --breakeven): below this many
-# tokens per call the XLA recurrent path beats the XLA chunked one. See the README.
-RECURRENT_MAX_T = 64
+# Measured on the project's 2-core CPU (`benchmarks/benchmark.py --sections sweep`, B=1, Hv=32,
+# K=V=128): the XLA recurrent path beats the XLA chunked one up to T = 8, chunked wins from
+# T = 16 on (README, "Benchmarks"). The same holds at B=32 by the decode timings.
+RECURRENT_MAX_T = 8
 # Backward of the recurrent path by autodiff stores one state per token; above this T the
 # chunked backward (states stored per 64-token chunk) is used instead.
 RECURRENT_BWD_MAX_T = 8
