@@ -58,8 +58,11 @@ def _pairs(xs, k, G):
     cols = []
     for j in range(m - 1):
         kE = kb[..., j:j + 1, :] * jnp.exp(Gb[..., j + 1:, :] - Gb[..., j:j + 1, :])   # [..., nb, m-1-j, K]
-        # the sum over d as a dot with ones: XLA CPU runs this ~2.5x faster than a reduce
-        col = _dot("...xid,d->...xi", xb[..., j + 1:, :] * kE[..., None, :, :], ones)  # [..., nb, 2, m-1-j]
+        # The sum over d as a dot with ones: XLA CPU runs this ~2.5x faster than a reduce. One
+        # dot per row kind (k, q): broadcasting kE over that axis instead makes the backward
+        # reduce over a middle axis, which crashes XLA's YNN fusion (jaxlib 0.10.2, Hv > Hk).
+        col = jnp.stack([_dot("...id,d->...i", xb[..., x, j + 1:, :] * kE, ones) for x in range(2)],
+                        axis=-2)                                                       # [..., nb, 2, m-1-j]
         cols.append(jnp.pad(col, [(0, 0)] * (nl + 2) + [(j + 1, 0)]))
     cols.append(jnp.zeros(lead + (nb, 2, m), k.dtype))
     diag = jnp.stack(cols, axis=-1)                                                    # [..., nb, 2, m, m]
