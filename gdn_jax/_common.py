@@ -36,6 +36,7 @@ class Dims(NamedTuple):
     K: int
     V: int
     kda: bool
+    N: int = 0  # sequences: B, or len(cu_seqlens) - 1 for packed sequences
 
     @property
     def group(self) -> int:
@@ -56,8 +57,85 @@ def _check_float(name: str, x, allowed) -> None:
         raise TypeError(f"{name} has dtype {dt}; expected one of {', '.join(str(a) for a in allowed)}")
 
 
+def _concrete(x):
+    """x as a numpy array when its value is known at trace time, else None."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_index_array(name: str, x, length_hint: str) -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an int32 array or None, got {type(x).__name__}")
+    if jnp.result_type(x) != jnp.dtype(jnp.int32):
+        raise TypeError(f"{name} must have dtype int32, got {jnp.result_type(x)}")
+    if x.ndim != 1:
+        raise ValueError(f"{name} must have rank 1 ({length_hint}), got {name}.shape={tuple(x.shape)}")
+
+
+def check_varlen(B: int, T: int, cu_seqlens, state_indices, num_snapshots,
+                 output_final_state) -> int:
+    """Checks cu_seqlens, state_indices and num_snapshots (docs/varlen_semantics.md); returns N.
+
+    Shapes and dtypes are checked at trace time; values (cu_seqlens monotone from 0 to T,
+    indices in range and distinct) only when the arrays are concrete.
+    """
+    N = B
+    if cu_seqlens is not None:
+        _check_index_array("cu_seqlens", cu_seqlens, "[N + 1]")
+        if cu_seqlens.shape[0] < 2:
+            raise ValueError(f"cu_seqlens must hold N + 1 >= 2 offsets, got cu_seqlens.shape="
+                             f"{tuple(cu_seqlens.shape)}")
+        if B != 1:
+            raise ValueError(f"cu_seqlens packs sequences along T and needs B == 1, got B={B} "
+                             "(q.shape[0])")
+        N = cu_seqlens.shape[0] - 1
+        cu = _concrete(cu_seqlens)
+        if cu is not None:
+            if cu[0] != 0:
+                raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0]={cu[0]}")
+            if np.any(np.diff(cu) < 0):
+                i = int(np.argmax(np.diff(cu) < 0))
+                raise ValueError(f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}]={cu[i]} > "
+                                 f"cu_seqlens[{i + 1}]={cu[i + 1]}")
+            if cu[-1] != T:
+                raise ValueError(f"cu_seqlens must end at T={T} (q.shape[1]), got cu_seqlens[-1]={cu[-1]}")
+    if state_indices is not None:
+        _check_index_array("state_indices", state_indices, "[N]")
+        if state_indices.shape[0] != N:
+            raise ValueError(f"state_indices must have shape [N]=[{N}] (one slot per sequence), got "
+                             f"state_indices.shape={tuple(state_indices.shape)}")
+        if not output_final_state:
+            raise ValueError("state_indices updates a state pool, which the op returns as final_state: "
+                             "pass output_final_state=True")
+    if isinstance(num_snapshots, bool) or not isinstance(num_snapshots, numbers.Integral):
+        raise TypeError(f"num_snapshots must be a Python int >= 0, got {type(num_snapshots).__name__}")
+    if num_snapshots < 0:
+        raise ValueError(f"num_snapshots must be >= 0, got num_snapshots={num_snapshots}")
+    return N
+
+
+def check_pool_indices(state_indices, P: int) -> None:
+    """Value checks of concrete state_indices against a pool of P slots."""
+    idx = _concrete(state_indices)
+    if idx is None:
+        return
+    bad = (idx < -1) | (idx >= P)
+    if np.any(bad):
+        i = int(np.argmax(bad))
+        raise ValueError(f"state_indices must lie in [-1, P) with P={P} pool slots "
+                         f"(initial_state.shape[0]), got state_indices[{i}]={idx[i]}")
+    used = idx[idx >= 0]
+    if len(np.unique(used)) != len(used):
+        vals, counts = np.unique(used, return_counts=True)
+        raise ValueError(f"state_indices must not repeat a slot, got slot {vals[counts > 1][0]} "
+                         f"{counts[counts > 1][0]} times")
+
+
 def check_inputs(q, k, v, g, beta, initial_state=None, *, scale=None, impl="auto",
-                 backend="auto", state_layout="kv") -> Dims:
+                 backend="auto", state_layout="kv", cu_seqlens=None, state_indices=None,
+                 num_snapshots=0, output_final_state=False) -> Dims:
     """Validates shapes, dtypes and options at trace time; returns the sizes.
 
     Raises TypeError for bad dtypes or option types and ValueError for bad shapes or
@@ -105,22 +183,31 @@ def check_inputs(q, k, v, g, beta, initial_state=None, *, scale=None, impl="auto
                          f"{[B, T, Hv, K]} (KDA), got g.shape={tuple(g.shape)}")
     if tuple(beta.shape) != (B, T, Hv):
         raise ValueError(f"beta must have shape [B, T, Hv]={[B, T, Hv]}, got beta.shape={tuple(beta.shape)}")
+    N = check_varlen(B, T, cu_seqlens, state_indices, num_snapshots, output_final_state)
+    if state_indices is not None and initial_state is None:
+        raise ValueError("state_indices needs the state pool: pass it as initial_state "
+                         f"([P, Hv, K, V] for state_layout='kv'), got initial_state=None")
     if initial_state is not None:
         if not hasattr(initial_state, "shape"):
             raise TypeError(f"initial_state must be an array or None, got {type(initial_state).__name__}")
         _check_float("initial_state", initial_state, (jnp.dtype(jnp.float32),))
-        want = (B, Hv, K, V) if state_layout == "kv" else (B, Hv, V, K)
+        pool = state_indices is not None
+        lead = initial_state.shape[0] if (pool and initial_state.ndim == 4) else N
+        want = (lead, Hv, K, V) if state_layout == "kv" else (lead, Hv, V, K)
         if tuple(initial_state.shape) != want:
-            axes = "[N, Hv, K, V]" if state_layout == "kv" else "[N, Hv, V, K]"
-            raise ValueError(f"initial_state must have shape {axes}={list(want)} "
-                             f"(state_layout={state_layout!r}), got initial_state.shape="
+            axes = (("[P, " if pool else "[N, ") + ("Hv, K, V]" if state_layout == "kv" else "Hv, V, K]"))
+            what = "the state pool" if pool else "one state per sequence"
+            raise ValueError(f"initial_state must have shape {axes}={list(want)} ({what}, "
+                             f"state_layout={state_layout!r}), got initial_state.shape="
                              f"{tuple(initial_state.shape)}")
+        if pool:
+            check_pool_indices(state_indices, initial_state.shape[0])
     if scale is not None:
         if isinstance(scale, jax.core.Tracer) or not isinstance(scale, (numbers.Real, np.floating)):
             raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
         if not np.isfinite(float(scale)):
             raise ValueError(f"scale must be finite, got scale={scale}")
-    return Dims(B, T, Hk, Hv, K, V, kda)
+    return Dims(B, T, Hk, Hv, K, V, kda, N)
 
 
 def l2norm(x: jax.Array) -> jax.Array:

@@ -16,6 +16,7 @@ from ._common import Dims, check_inputs, default_scale
 from .chunked import chunked_gated_delta_net
 from .recurrent import recurrent_gated_delta_net
 from .reference import reference_gated_delta_net
+from ._varlen import token_table
 
 # Measured on the project's 2-core CPU (`benchmarks/benchmark.py --sections sweep`, B=1, Hv=32,
 # K=V=128): the XLA recurrent path beats the XLA chunked one up to T = 8, chunked wins from
@@ -43,11 +44,18 @@ class _Config:
     output_final_state: bool
     state_layout: str  # layout of h0 and of the returned state: "kv" or "vk"
     interpret: bool
+    num_snapshots: int = 0
+    pool: bool = False  # h0 is a state pool indexed by state_indices
 
 
-def _resolve_impl(impl: str, dims: Dims) -> str:
+def _resolve_impl(impl: str, dims: Dims, num_snapshots: int) -> str:
+    if num_snapshots and impl == "chunked":
+        raise ValueError(f"num_snapshots={num_snapshots} is computed by the token-by-token paths: "
+                         'use impl="recurrent" (or "auto", which picks it), not impl="chunked"')
     if impl != "auto":
         return impl
+    if num_snapshots:
+        return "recurrent"
     return "recurrent" if dims.T <= RECURRENT_MAX_T else "chunked"
 
 
@@ -62,7 +70,22 @@ def _pallas_module(impl: str):
     return mod
 
 
-def _resolve_backend(backend: str, impl: str, interpret: bool, args, state_layout: str) -> str:
+def _varlen_kwargs(cu_seqlens=None, state_indices=None, num_snapshots=0, *, impl="recurrent"):
+    """The packed/pool/snapshot keywords a kernel takes, only where they are in use. The
+    chunked kernel sees per-sequence states: the op handles a pool around it."""
+    kw = {}
+    if cu_seqlens is not None:
+        kw["cu_seqlens"] = cu_seqlens
+    if impl == "recurrent":
+        if state_indices is not None:
+            kw["state_indices"] = state_indices
+        if num_snapshots:
+            kw["num_snapshots"] = num_snapshots
+    return kw
+
+
+def _resolve_backend(backend: str, impl: str, interpret: bool, args, state_layout: str,
+                     varlen: dict) -> str:
     """Returns "xla", "pallas" or "auto-pallas"; raises if an explicit request cannot be served."""
     if impl == "reference":
         if backend == "pallas":
@@ -71,7 +94,11 @@ def _resolve_backend(backend: str, impl: str, interpret: bool, args, state_layou
         return "xla"
     if backend == "xla":
         return "xla"
-    reason = _pallas_module(impl).supports(*args, state_layout=state_layout)
+    q, k, v, g, beta, h0 = args
+    if impl == "chunked" and varlen.get("state_indices") is not None:  # the kernel sees gathered states
+        h0 = jax.ShapeDtypeStruct((varlen["state_indices"].shape[0],) + h0.shape[1:], h0.dtype)
+    kw = _varlen_kwargs(**varlen, impl=impl)
+    reason = _pallas_module(impl).supports(q, k, v, g, beta, h0, state_layout=state_layout, **kw)
     if backend == "pallas":
         if reason is not None:
             raise ValueError(f'backend="pallas" cannot serve impl="{impl}" for this call: {reason}. '
@@ -83,21 +110,59 @@ def _resolve_backend(backend: str, impl: str, interpret: bool, args, state_layou
     return "pallas" if interpret else "auto-pallas"
 
 
-def _xla_fn(cfg: _Config, impl: str):
-    """An XLA path in the op's calling convention: h0 may be None or in the "vk" layout."""
-    path = functools.partial(XLA_PATHS[impl], scale=cfg.scale, use_qk_l2norm=cfg.use_qk_l2norm)
+def _to_kv(cfg: _Config, x):
+    return jnp.swapaxes(x, -1, -2) if (x is not None and cfg.state_layout == "vk") else x
 
-    def fn(q, k, v, g, beta, h0):
-        B, _, _, K = q.shape
+
+def _pooled(cfg: _Config, fn):
+    """Wraps fn(q, k, v, g, beta, h0, cu) -> (o, ht, snaps), all per sequence and in the
+    caller's layout, to read and write a state pool: gather the indexed slots, run, scatter the
+    final states back (in place when the pool is donated). Padding slots (-1) read zeros, write
+    nothing, and get zero outputs."""
+
+    def run(q, k, v, g, beta, h0, cu, idx):
+        if not cfg.pool:
+            return fn(q, k, v, g, beta, h0, cu)
+        P = h0.shape[0]
+        valid = idx >= 0
+        mask4 = valid[:, None, None, None]
+        h0_seq = jnp.where(mask4, jnp.take(h0, jnp.maximum(idx, 0), axis=0), 0.0)
+        o, ht, snaps = fn(q, k, v, g, beta, h0_seq, cu)
+        if cu is None:
+            o_valid = valid[:, None, None, None]
+        else:  # per packed token: the validity of its sequence
+            o_valid = valid[token_table(cu, q.shape[1]).seq][None, :, None, None]
+        o = jnp.where(o_valid, o, jnp.zeros((), o.dtype))
+        pool = h0.at[jnp.where(valid, idx, P)].set(ht, mode="drop")
+        if snaps is not None:
+            snaps = jnp.where(valid[:, None, None, None, None], snaps, 0.0)
+        return o, pool, snaps
+
+    return run
+
+
+def _xla_fn(cfg: _Config, impl: str):
+    """An XLA path in the op's calling convention: (q, k, v, g, beta, h0, cu_seqlens,
+    state_indices) -> (o, final_state, snapshots); h0 may be None, a pool, or "vk"."""
+    path = functools.partial(XLA_PATHS[impl], scale=cfg.scale, use_qk_l2norm=cfg.use_qk_l2norm)
+    if cfg.num_snapshots:
+        path = functools.partial(path, num_snapshots=cfg.num_snapshots)
+
+    def per_sequence(q, k, v, g, beta, h0, cu):
+        K = q.shape[3]
         Hv, V = v.shape[2:]
-        if h0 is None:
-            h0 = jnp.zeros((B, Hv, K, V), jnp.float32)
-        elif cfg.state_layout == "vk":
-            h0 = jnp.swapaxes(h0, -1, -2)
-        o, ht = path(q, k, v, g, beta, h0)
-        if not cfg.output_final_state:
-            return o, None
-        return o, (jnp.swapaxes(ht, -1, -2) if cfg.state_layout == "vk" else ht)
+        N = q.shape[0] if cu is None else cu.shape[0] - 1
+        h0 = jnp.zeros((N, Hv, K, V), jnp.float32) if h0 is None else _to_kv(cfg, h0)
+        res = path(q, k, v, g, beta, h0, **({} if cu is None else {"cu_seqlens": cu}))
+        o, ht = res[:2]
+        snaps = res[2] if cfg.num_snapshots else None
+        return o, _to_kv(cfg, ht), _to_kv(cfg, snaps)
+
+    pooled = _pooled(cfg, per_sequence)
+
+    def fn(q, k, v, g, beta, h0, cu, idx):
+        o, ht, snaps = pooled(q, k, v, g, beta, h0, cu, idx)
+        return o, (ht if cfg.output_final_state else None), snaps
 
     return fn
 
@@ -110,87 +175,134 @@ def _on_platform(cfg: _Config, pallas_fn, xla_fn):
     return lambda *a: jax.lax.platform_dependent(*a, cuda=pallas_fn, default=xla_fn)
 
 
-def _forward(cfg: _Config, q, k, v, g, beta, h0, *, alias_state: bool):
+def _forward(cfg: _Config, q, k, v, g, beta, h0, cu, idx, *, alias_state: bool):
     """Runs the selected path. alias_state: let the recurrent kernel write the final state over
     the initial one (in place when the caller donates it); off when h0 is kept for the backward."""
     xla_fn = _xla_fn(cfg, cfg.impl)
     if cfg.backend == "xla":
-        return xla_fn(q, k, v, g, beta, h0)
+        return xla_fn(q, k, v, g, beta, h0, cu, idx)
     kw = dict(scale=cfg.scale, use_qk_l2norm=cfg.use_qk_l2norm,
               output_final_state=cfg.output_final_state, interpret=cfg.interpret)
     if cfg.impl == "recurrent":
         from .kernels.recurrent import fused_recurrent  # noqa: PLC0415
 
-        def pallas_fn(q, k, v, g, beta, h0):
-            return fused_recurrent(q, k, v, g, beta, h0, state_layout=cfg.state_layout,
-                                   alias_state=alias_state, **kw)
+        def pallas_fn(q, k, v, g, beta, h0, cu, idx):
+            res = fused_recurrent(q, k, v, g, beta, h0, state_layout=cfg.state_layout,
+                                  alias_state=alias_state, **kw,
+                                  **_varlen_kwargs(cu, idx, cfg.num_snapshots))
+            return res[0], res[1], (res[2] if cfg.num_snapshots else None)
     else:
         from .kernels.chunked import chunked_forward  # noqa: PLC0415
 
-        def pallas_fn(q, k, v, g, beta, h0):  # supports() declined "vk" already
-            return chunked_forward(q, k, v, g, beta, h0, **kw)
+        def per_sequence(q, k, v, g, beta, h0, cu):  # supports() declined "vk" already
+            o, ht = chunked_forward(q, k, v, g, beta, h0, **kw,
+                                    **_varlen_kwargs(cu, impl="chunked"))
+            return o, ht, None
 
-    return _on_platform(cfg, pallas_fn, xla_fn)(q, k, v, g, beta, h0)
+        pallas_fn = _pooled(cfg, per_sequence)
+
+    return _on_platform(cfg, pallas_fn, xla_fn)(q, k, v, g, beta, h0, cu, idx)
 
 
-def _xla_backward(cfg: _Config, inputs, h0, cotangents):
+def _xla_backward(cfg: _Config, inputs, h0, cu, idx, cotangents):
     """Gradients by autodiff of a memory-lean XLA path on the saved inputs."""
     impl = cfg.impl
-    if impl == "recurrent" and inputs[0].shape[1] > RECURRENT_BWD_MAX_T:
+    if impl == "recurrent" and inputs[0].shape[1] > RECURRENT_BWD_MAX_T and not cfg.num_snapshots:
         impl = "chunked"
     fn = _xla_fn(cfg, impl)
     if h0 is None:  # no state to differentiate: keep None out of jax.vjp
-        _, vjp = jax.vjp(lambda *a: fn(*a, None), *inputs)
+        _, vjp = jax.vjp(lambda *a: fn(*a, None, cu, idx), *inputs)
         return (*vjp(cotangents), None)
-    _, vjp = jax.vjp(fn, *inputs, h0)
+    _, vjp = jax.vjp(lambda *a: fn(*a, cu, idx), *inputs, h0)
     return vjp(cotangents)
 
 
-def _pallas_backward(cfg: _Config, inputs, h0, cotangents):
+def _pallas_backward(cfg: _Config, inputs, h0, cu, idx, cotangents):
     """Gradients by the Pallas chunked backward kernels (state in the "kv" layout inside)."""
     from .kernels.chunked import chunked_backward  # noqa: PLC0415
 
-    do, dht = cotangents
-    vk = cfg.state_layout == "vk"
-    if vk:
-        h0 = None if h0 is None else jnp.swapaxes(h0, -1, -2)
-        dht = None if dht is None else jnp.swapaxes(dht, -1, -2)
+    do, dht, _ = cotangents
+    pool = h0 if cfg.pool else None
+    if cfg.pool:  # per-sequence states and their cotangents from the pool
+        valid = (idx >= 0)[:, None, None, None]
+        h0 = jnp.where(valid, jnp.take(pool, jnp.maximum(idx, 0), axis=0), 0.0)
+        dht = jnp.where(valid, jnp.take(dht, jnp.maximum(idx, 0), axis=0), 0.0)
+        if cu is None:
+            do = jnp.where(valid, do, jnp.zeros((), do.dtype))
+        else:
+            seq_valid = (idx >= 0)[token_table(cu, do.shape[1]).seq]
+            do = jnp.where(seq_valid[None, :, None, None], do, jnp.zeros((), do.dtype))
+    h0, dht = _to_kv(cfg, h0), _to_kv(cfg, dht)
     *grads, dh0 = chunked_backward(*inputs, h0, do, dht, scale=cfg.scale,
-                                   use_qk_l2norm=cfg.use_qk_l2norm, interpret=cfg.interpret)
-    if vk and dh0 is not None:
-        dh0 = jnp.swapaxes(dh0, -1, -2)
+                                   use_qk_l2norm=cfg.use_qk_l2norm, interpret=cfg.interpret,
+                                   **_varlen_kwargs(cu, impl="chunked"))
+    dh0 = _to_kv(cfg, dh0)
+    if cfg.pool:
+        P = pool.shape[0]
+        dpool = cotangents[1].at[jnp.where(idx >= 0, idx, P)].set(dh0, mode="drop")
+        return (*grads, dpool)
     return (*grads, dh0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gdn(cfg: _Config, q, k, v, g, beta, h0):
-    return _forward(cfg, q, k, v, g, beta, h0, alias_state=True)
+def _gdn(cfg: _Config, q, k, v, g, beta, h0, cu, idx):
+    return _forward(cfg, q, k, v, g, beta, h0, cu, idx, alias_state=True)
 
 
-def _gdn_fwd(cfg, q, k, v, g, beta, h0):
-    return _forward(cfg, q, k, v, g, beta, h0, alias_state=False), (q, k, v, g, beta, h0)
+def _gdn_fwd(cfg, q, k, v, g, beta, h0, cu, idx):
+    out = _forward(cfg, q, k, v, g, beta, h0, cu, idx, alias_state=False)
+    return out, (q, k, v, g, beta, h0, cu, idx)
 
 
 def _gdn_bwd(cfg, residuals, cotangents):
-    *inputs, h0 = residuals
-    xla = functools.partial(_xla_backward, cfg)
-    if cfg.backend == "xla":
-        return xla(inputs, h0, cotangents)
+    *inputs, h0, cu, idx = residuals
+    no_index_grads = (None, None)  # cu_seqlens and state_indices are integer arrays
+
+    def xla(inputs, h0, cotangents):
+        return _xla_backward(cfg, inputs, h0, cu, idx, cotangents)
+
+    def pallas(inputs, h0, cotangents):
+        return _pallas_backward(cfg, inputs, h0, cu, idx, cotangents)
+
+    if cfg.backend == "xla" or cfg.num_snapshots:
+        return (*xla(inputs, h0, cotangents), *no_index_grads)
     # The forward ran on Pallas: use the Pallas chunked backward wherever it supports the call.
     from .kernels.chunked import supports  # noqa: PLC0415
-    if supports(*inputs) is not None:  # (h0's shape was checked at the entry)
-        return xla(inputs, h0, cotangents)
-    pallas = functools.partial(_pallas_backward, cfg)
+    if supports(*inputs, **_varlen_kwargs(cu, impl="chunked")) is not None:
+        return (*xla(inputs, h0, cotangents), *no_index_grads)
     if cfg.backend == "pallas":
-        return pallas(inputs, h0, cotangents)
-    return jax.lax.platform_dependent(inputs, h0, cotangents, cuda=pallas, default=xla)
+        return (*pallas(inputs, h0, cotangents), *no_index_grads)
+    grads = jax.lax.platform_dependent(inputs, h0, cotangents, cuda=pallas, default=xla)
+    return (*grads, *no_index_grads)
 
 
 _gdn.defvjp(_gdn_fwd, _gdn_bwd)
 
 
+def _empty_call(q, v, initial_state, cu_seqlens, state_indices, dims, *, output_final_state,
+                num_snapshots, state_layout):
+    """T == 0: nothing runs; every sequence's state passes through unchanged."""
+    B, _, _, Hv, K, V, _, N = dims
+    o = jnp.zeros((B, 0, Hv, V), q.dtype)
+    shape = (N, Hv, K, V) if state_layout == "kv" else (N, Hv, V, K)
+    if initial_state is None:
+        per_seq = jnp.zeros(shape, jnp.float32)
+    elif state_indices is not None:
+        valid = (state_indices >= 0)[:, None, None, None]
+        per_seq = jnp.where(valid, jnp.take(initial_state, jnp.maximum(state_indices, 0), axis=0), 0.0)
+    else:
+        per_seq = initial_state
+    ht = None
+    if output_final_state:
+        ht = initial_state if initial_state is not None else per_seq
+    if not num_snapshots:
+        return o, ht
+    return o, ht, jnp.broadcast_to(per_seq[:, None], (N, num_snapshots) + shape[1:])
+
+
 def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_state=None,
                     output_final_state: bool = False, use_qk_l2norm_in_kernel: bool = False,
+                    cu_seqlens=None, state_indices=None, num_snapshots: int = 0,
                     impl: str = "auto", backend: str = "auto", interpret: bool = False,
                     state_layout: str = "kv"):
     """The gated delta rule (GDA or KDA) over T tokens of B independent sequences.
@@ -202,38 +314,57 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
         per key channel); float32 or q's dtype. Applied as `exp(g)`, normally `g <= 0`.
       beta: `[B, T, Hv]`, float32 or q's dtype, used as given.
       scale: query scale, default `K ** -0.5`.
-      initial_state: `[B, Hv, K, V]` float32, or None for zeros.
+      initial_state: `[N, Hv, K, V]` float32 (N = B, or the number of packed sequences), or
+        None for zeros; with `state_indices`, the state pool `[P, Hv, K, V]`.
       output_final_state: return the state after the last token (else None).
       use_qk_l2norm_in_kernel: l2-normalise q and k over K first (float32, eps 1e-6).
-      impl: "auto" (recurrent for T <= RECURRENT_MAX_T, else chunked), "reference",
-        "recurrent" or "chunked".
+      cu_seqlens: int32 `[N + 1]` offsets of N sequences packed along T (B must be 1): each
+        starts from its own initial state, nothing crosses a boundary. May be traced (one
+        compiled program per T and N). See docs/varlen_semantics.md.
+      state_indices: int32 `[N]`: sequence n reads and writes pool slot `state_indices[n]`
+        of `initial_state`; -1 marks a padding entry (skipped, zero outputs). The updated pool
+        is returned as final_state (needs `output_final_state=True`); other slots are left
+        bit-for-bit unchanged, in place when the pool is donated.
+      num_snapshots: if > 0, also return the states after each of the last `num_snapshots`
+        tokens of every sequence, `[N, num_snapshots, Hv, K, V]` (speculative decoding
+        rollback); computed by the recurrent path.
+      impl: "auto" (recurrent for T <= RECURRENT_MAX_T or with snapshots, else chunked),
+        "reference", "recurrent" or "chunked".
       backend: "auto" (a Pallas kernel on GPU where one supports the call, else XLA), "xla"
         or "pallas" (raises if no kernel can serve the call).
       interpret: run Pallas kernels in interpret mode (CPU testing of the kernel code).
       state_layout: "kv" (the public `[N, Hv, K, V]`) or "vk" (`[N, Hv, V, K]`, the layout the
-        Pallas recurrent kernel reads natively) for initial_state and final_state; a decode loop
-        that keeps its state in the kernel's layout skips a transpose per step.
+        Pallas recurrent kernel reads natively) for initial_state, final_state and snapshots;
+        a decode loop that keeps its state in the kernel's layout skips a transpose per step.
 
     Returns:
-      `(o, final_state)`: o `[B, T, Hv, V]` in q's dtype; final_state float32 in
-      `state_layout`, or None when `output_final_state` is False.
+      `(o, final_state)`, or `(o, final_state, snapshots)` when `num_snapshots > 0`: o
+      `[B, T, Hv, V]` in q's dtype; final_state float32 in `state_layout` (the pool with
+      `state_indices`), or None when `output_final_state` is False.
+
+    Under `jit` with traced `cu_seqlens` or `state_indices`, their values cannot be checked:
+    out-of-range or non-monotone offsets and repeated or out-of-range slots give unspecified
+    results (no crash); a repeated slot receives one of the sequences' states.
     """
-    dims = check_inputs(q, k, v, g, beta, initial_state, scale=scale, impl=impl, backend=backend,
-                        state_layout=state_layout)
     for name, flag in (("output_final_state", output_final_state),
                        ("use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel), ("interpret", interpret)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    B, T, Hk, Hv, K, V, _ = dims
-    if T == 0:  # nothing to run: the state passes through
-        o = jnp.zeros((B, 0, Hv, V), q.dtype)
-        if not output_final_state:
-            return o, None
-        shape = (B, Hv, K, V) if state_layout == "kv" else (B, Hv, V, K)
-        return o, (jnp.zeros(shape, jnp.float32) if initial_state is None else initial_state)
-    impl = _resolve_impl(impl, dims)
-    backend = _resolve_backend(backend, impl, interpret,
-                               (q, k, v, g, beta, initial_state), state_layout)
-    cfg = _Config(impl, backend, default_scale(scale, K), use_qk_l2norm_in_kernel,
-                  output_final_state, state_layout, interpret)
-    return _gdn(cfg, q, k, v, g, beta, initial_state)
+    dims = check_inputs(q, k, v, g, beta, initial_state, scale=scale, impl=impl, backend=backend,
+                        state_layout=state_layout, cu_seqlens=cu_seqlens,
+                        state_indices=state_indices, num_snapshots=num_snapshots,
+                        output_final_state=output_final_state)
+    num_snapshots = int(num_snapshots)
+    if dims.T == 0:  # nothing to run: the states pass through
+        return _empty_call(q, v, initial_state, cu_seqlens, state_indices, dims,
+                           output_final_state=output_final_state, num_snapshots=num_snapshots,
+                           state_layout=state_layout)
+    impl = _resolve_impl(impl, dims, num_snapshots)
+    varlen = dict(cu_seqlens=cu_seqlens, state_indices=state_indices, num_snapshots=num_snapshots)
+    backend = _resolve_backend(backend, impl, interpret, (q, k, v, g, beta, initial_state),
+                               state_layout, varlen)
+    cfg = _Config(impl, backend, default_scale(scale, dims.K), use_qk_l2norm_in_kernel,
+                  output_final_state, state_layout, interpret, num_snapshots,
+                  state_indices is not None)
+    o, ht, snaps = _gdn(cfg, q, k, v, g, beta, initial_state, cu_seqlens, state_indices)
+    return (o, ht) if not num_snapshots else (o, ht, snaps)

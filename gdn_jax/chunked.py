@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from ._common import HIGHEST, prepare
+from ._varlen import chunk_layout, from_aligned, to_aligned
 
 SUB = 16  # KDA sub-block size and block size of the triangular solve
 
@@ -92,7 +93,7 @@ def _kda_pair_terms(k, q, b, Gc):
 
 
 def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
-                            use_qk_l2norm: bool = False, chunk_size: int = 64):
+                            use_qk_l2norm: bool = False, chunk_size: int = 64, cu_seqlens=None):
     """Chunk-parallel gated delta rule; GDA or KDA by the shape of g.
 
     q, k: [B, T, Hk, K]; v: [B, T, Hv, V]; g: [B, T, Hv] (GDA) or [B, T, Hv, K] (KDA);
@@ -101,6 +102,11 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     autodiff; the scan body is rematerialised, so the backward stores one state per chunk.
     chunk_size must be a multiple of 16; short sequences use a smaller chunk (T rounded up
     to 16). A ragged T is padded at the FRONT with g = beta = q = k = v = 0.
+
+    cu_seqlens (int32 [N + 1], B == 1, may be traced): N packed sequences, initial_state
+    [N, Hv, K, V]. The tokens are laid out chunk-aligned (`_varlen.chunk_layout`): every
+    sequence starts a chunk, so a boundary never falls inside one; the scan resets the state
+    at each sequence's first chunk and the final states are read from the per-chunk states.
     """
     if chunk_size <= 0 or chunk_size % SUB:
         raise ValueError(f"chunk_size must be a positive multiple of {SUB}, got {chunk_size}")
@@ -111,9 +117,17 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     G = Hv // Hk
     kda = g.ndim == 4
     C = min(chunk_size, -(-T // SUB) * SUB)
-    NC = -(-T // C)
+    layout = None
+    if cu_seqlens is not None:
+        # chunk-aligned packing; identity tokens (all zero) fill each sequence's last chunk
+        layout = chunk_layout(cu_seqlens, T, C)
+        q, k, v, g, beta = (to_aligned(x, layout) for x in (q, k, v, g, beta))
+        NC = layout.num_chunks
+        pad = 0
+    else:
+        NC = -(-T // C)
+        pad = NC * C - T
     Tp = NC * C
-    pad = Tp - T
     # Pad at the FRONT: padding tokens (g = beta = 0, q = k = v = 0) leave the state unchanged,
     # get exactly-zero cotangents, and the last real token stays last in its chunk (its decay
     # to itself stays the constant 1).
@@ -126,7 +140,13 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     eye = (i[:, None] == i[None, :]).astype(jnp.float32)
     last = i == C - 1
 
+    N = initial_state.shape[0]
+    h0_all = initial_state.astype(jnp.float32).reshape(N, Hk, G, K, V)
+
     def step(S, n):
+        if layout is not None:  # a sequence's first chunk starts from its own initial state
+            h0_c = jnp.take(h0_all, jnp.minimum(layout.chunk_seq[n], N - 1), axis=0)[None]
+            S = jnp.where(layout.first[n], h0_c, S)
         # Inputs are closed over and sliced here (token-major, one contiguous block for B == 1);
         # passing them as scan xs makes XLA copy them into the loop first. The head-major
         # transposes then happen on cache-resident chunk data.
@@ -173,11 +193,19 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
         Vn = _solve_unit_lower(A, X)
         o_c = Y[..., C:, :] + _dot("...ij,...jv->...iv", P, Vn)
         S = dec * S + _dot("...ck,...cv->...kv", kd, Vn)
-        return S, o_c.transpose(0, 3, 1, 2, 4).reshape(B, C, Hv, V)
+        o_c = o_c.transpose(0, 3, 1, 2, 4).reshape(B, C, Hv, V)
+        return S, ((o_c, S[0]) if layout is not None else o_c)
 
-    S0 = initial_state.astype(jnp.float32).reshape(B, Hk, G, K, V)
     # jax.checkpoint: the backward recomputes each chunk's body from the stored per-chunk
     # state (memory O(T/C * K * V)); it is also faster here than storing the residuals.
-    S, o = jax.lax.scan(jax.checkpoint(step), S0, jnp.arange(NC))  # o: [NC, B, C, Hv, V]
-    o = jnp.moveaxis(o, 0, 1).reshape(B, Tp, Hv, V)[:, pad:]
-    return o.astype(out_dtype), S.reshape(B, Hv, K, V)
+    if layout is None:
+        S, o = jax.lax.scan(jax.checkpoint(step), h0_all, jnp.arange(NC))  # o: [NC, B, C, Hv, V]
+        o = jnp.moveaxis(o, 0, 1).reshape(B, Tp, Hv, V)[:, pad:]
+        return o.astype(out_dtype), S.reshape(B, Hv, K, V)
+    S_in = jnp.zeros((1, Hk, G, K, V), jnp.float32)
+    _, (o, states) = jax.lax.scan(jax.checkpoint(step), S_in, jnp.arange(NC))
+    o = from_aligned(jnp.moveaxis(o, 0, 1).reshape(1, Tp, Hv, V), layout)
+    # each sequence's final state: the state after its last chunk (its initial one if empty)
+    ends = jnp.take(states, jnp.maximum(layout.last_chunk, 0), axis=0)
+    final = jnp.where((layout.last_chunk >= 0)[:, None, None, None, None], ends, h0_all)
+    return o.astype(out_dtype), final.reshape(N, Hv, K, V)

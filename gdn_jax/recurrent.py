@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ._common import HIGHEST, prepare
+from ._varlen import run_tokens
 
 
 def _matvec(S, x):
@@ -59,26 +60,22 @@ def _step(S, q_t, k_t, v_t, g_t, b_t, *, scale: float, kda: bool):
 
 
 def recurrent_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
-                              use_qk_l2norm: bool = False):
+                              use_qk_l2norm: bool = False, cu_seqlens=None,
+                              num_snapshots: int = 0):
     """Token-by-token recurrence with one read and one write of the state per token.
 
-    Same arguments and results as `reference_gated_delta_net`. For T = 1 no loop is
-    built, so `jax.jit(..., donate_argnums=...)` updates a donated state in place.
+    Same arguments and results as `reference_gated_delta_net` (packed sequences and
+    snapshots included). For T = 1 no loop is built, so `jax.jit(..., donate_argnums=...)`
+    updates a donated state in place.
     """
     out_dtype = q.dtype
-    T = q.shape[1]
     kda = g.ndim == 4
     q, k, v, g, beta = prepare(q, k, v, g, beta, use_qk_l2norm=use_qk_l2norm)
-    S = initial_state.astype(jnp.float32)
 
     def step(S, xs):
         return _step(S, *xs, scale=scale, kda=kda)
 
-    if T == 1:
-        S, o = step(S, tuple(x[:, 0] for x in (q, k, v, g, beta)))
-        o = o[:, None]
-    else:
-        xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta))
-        S, o = jax.lax.scan(step, S, xs)
-        o = jnp.moveaxis(o, 0, 1)
-    return o.astype(out_dtype), S
+    o, S, snaps = run_tokens(step, initial_state.astype(jnp.float32), (q, k, v, g, beta),
+                             cu_seqlens=cu_seqlens, num_snapshots=num_snapshots)
+    o = o.astype(out_dtype)
+    return (o, S) if not num_snapshots else (o, S, snaps)

@@ -5,18 +5,22 @@ differentiable by plain autodiff (it stores one state per token for the backward
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from ._common import HIGHEST, prepare
+from ._varlen import run_tokens
 
 
 def reference_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
-                              use_qk_l2norm: bool = False):
+                              use_qk_l2norm: bool = False, cu_seqlens=None,
+                              num_snapshots: int = 0):
     """Runs SPEC section 1 literally, one token at a time.
 
-    Args: canonical arrays (see `gdn_jax._common`); `initial_state` is `[B, Hv, K, V]`
-    float32. Returns `(o [B, T, Hv, V] in q.dtype, final_state [B, Hv, K, V] float32)`.
+    Args: canonical arrays (see `gdn_jax._common`); `initial_state` is `[N, Hv, K, V]`
+    float32 (N = B, or the number of packed sequences with `cu_seqlens`, B == 1).
+    Returns `(o [B, T, Hv, V] in q.dtype, final_state [N, Hv, K, V] float32)`, plus
+    snapshots `[N, num_snapshots, Hv, K, V]` when `num_snapshots > 0`
+    (docs/varlen_semantics.md).
     """
     out_dtype = q.dtype
     q, k, v, g, beta = prepare(q, k, v, g, beta, use_qk_l2norm=use_qk_l2norm)
@@ -35,6 +39,7 @@ def reference_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
         o_t = jnp.einsum("bhkv,bhk->bhv", S, q_t * scale, precision=HIGHEST)
         return S, o_t
 
-    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta))
-    S, o = jax.lax.scan(step, initial_state.astype(jnp.float32), xs)
-    return jnp.moveaxis(o, 0, 1).astype(out_dtype), S
+    o, S, snaps = run_tokens(step, initial_state.astype(jnp.float32), (q, k, v, g, beta),
+                             cu_seqlens=cu_seqlens, num_snapshots=num_snapshots)
+    o = o.astype(out_dtype)
+    return (o, S) if not num_snapshots else (o, S, snaps)

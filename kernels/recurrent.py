@@ -25,11 +25,26 @@ shuffles) and the rank-1 update broadcasts along it.
 
 No `dot` is used: at one token per step the matvecs are multiply-and-reduce in float32,
 exact on the GPU as in interpret mode (there is no TF32 path to guard against).
+
+Packed sequences, state pools, snapshots (issue 6; semantics in docs/varlen_semantics.md).
+The Triton backend has no scalar prefetch, so data-dependent addressing happens inside the
+kernel, not in index maps:
+
+- `cu_seqlens`: the grid stays `(N, Hv, V // BV)`; program n reads `cu[n]`, `cu[n+1]` from a
+  whole-array int32 input and loops over its own tokens of the single packed row (a
+  `fori_loop` with traced bounds, which the Triton lowering turns into an `scf.for`). One
+  compiled program serves every split of T tokens into N sequences.
+- `state_indices`: the pool `[P, ...]` is passed whole along P and aliased to the final state;
+  program n loads and stores slot `state_indices[n]` only (masked load, guarded store), so every
+  other slot keeps its bytes and a donated pool is updated in place.
+- `num_snapshots`: the state tile is also stored after each of the last ns tokens of the
+  sequence (a uniform branch per token) into `[N, ns, ...]`; slots before the first token get
+  the initial state.
 """
 from __future__ import annotations
 
 import functools
-import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -56,11 +71,21 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv"):
+def _is_int_dtype(x) -> bool:
+    return jnp.issubdtype(jnp.dtype(x.dtype), jnp.integer)
+
+
+def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv",
+             cu_seqlens=None, state_indices=None, num_snapshots: int = 0):
     """None if `fused_recurrent` can serve these shapes/dtypes, else the reason (a str).
 
-    Looks at shapes and dtypes only (ShapeDtypeStructs work); never at the default device.
+    Looks at shapes and dtypes only (ShapeDtypeStructs work); never at the default device and
+    never at the values of `cu_seqlens` / `state_indices` (they may be traced).
     The platform is decided at lowering (see `_platform`): off-GPU the call needs interpret=True.
+
+    With `cu_seqlens` (integer `[N + 1]`, N >= 1) B must be 1; with `state_indices` (integer
+    `[N]`, N = B or the number of packed sequences) `initial_state` is the pool `[P, Hv, K, V]`
+    ("kv") / `[P, Hv, V, K]` ("vk"), P >= 1, and is required. `num_snapshots` is a Python int >= 0.
     """
     if state_layout not in STATE_LAYOUTS:
         return f"state_layout={state_layout!r} is not one of {STATE_LAYOUTS}"
@@ -86,11 +111,37 @@ def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv"):
             return f"{name} dtype {x.dtype} is neither float32 nor q's dtype {dt}"
     if tuple(g.shape) not in ((B, T, Hv), (B, T, Hv, K)):
         return f"g shape {tuple(g.shape)} is neither [B, T, Hv] nor [B, T, Hv, K]"
+    if (isinstance(num_snapshots, bool) or not isinstance(num_snapshots, numbers.Integral)
+            or num_snapshots < 0):
+        return f"num_snapshots={num_snapshots!r} is not a Python int >= 0"
+    N = B
+    if cu_seqlens is not None:
+        if getattr(cu_seqlens, "ndim", None) != 1 or cu_seqlens.shape[0] < 2:
+            return (f"cu_seqlens shape {tuple(getattr(cu_seqlens, 'shape', ()))} is not [N + 1] "
+                    f"with N >= 1")
+        if not _is_int_dtype(cu_seqlens):
+            return f"cu_seqlens dtype {cu_seqlens.dtype} is not an integer dtype"
+        if B != 1:
+            return f"cu_seqlens needs B == 1 (the sequences are packed along T), got B={B}"
+        N = cu_seqlens.shape[0] - 1
+    if state_indices is not None:
+        if getattr(state_indices, "ndim", None) != 1 or state_indices.shape[0] != N:
+            return (f"state_indices shape {tuple(getattr(state_indices, 'shape', ()))} is not "
+                    f"[N] = [{N}]")
+        if not _is_int_dtype(state_indices):
+            return f"state_indices dtype {state_indices.dtype} is not an integer dtype"
+        if initial_state is None:
+            return "state_indices needs initial_state (the state pool [P, Hv, ...])"
     if initial_state is not None:
-        want = (B, Hv, K, V) if state_layout == "kv" else (B, Hv, V, K)
+        pool = state_indices is not None
+        lead = initial_state.shape[0] if (pool and getattr(initial_state, "ndim", 0) == 4) else N
+        want = (lead, Hv, K, V) if state_layout == "kv" else (lead, Hv, V, K)
         if tuple(initial_state.shape) != want:
-            return (f"initial_state shape {tuple(initial_state.shape)} does not match the "
-                    f"{state_layout!r} layout {list(want)}")
+            what, shown = ("state pool", ["P", *want[1:]]) if pool else ("initial_state", list(want))
+            return (f"{what} shape {tuple(initial_state.shape)} does not match the "
+                    f"{state_layout!r} layout {shown}")
+        if lead < 1:
+            return "the state pool has no slots (P = 0)"
         if jnp.dtype(initial_state.dtype) != jnp.dtype(jnp.float32):
             return f"initial_state must be float32, got {initial_state.dtype}"
     return None
@@ -117,21 +168,65 @@ def choose_config(B: int, Hv: int, K: int, V: int, block_v: int | None = None):
     return bv, num_warps
 
 
-def _kernel(*refs, T, scale, use_qk_l2norm, kda, has_h0, store_ht, layout, prefetch):
+def _kernel(*refs, T, scale, use_qk_l2norm, kda, has_h0, store_ht, layout, prefetch,
+            varlen, pool, ns):
     it = iter(refs)
     q_ref, k_ref, v_ref, g_ref, b_ref = (next(it) for _ in range(5))
     h0_ref = next(it) if has_h0 else None
+    cu_ref = next(it) if varlen else None
+    idx_ref = next(it) if pool else None
     o_ref = next(it)
     ht_ref = next(it) if store_ht else None
+    snap_ref = next(it) if ns else None
     BV = o_ref.shape[-1]
     K = q_ref.shape[-1]
 
-    if has_h0:
-        S = h0_ref[...].astype(jnp.float32)
-        if layout == "kv":
-            S = S.T  # [K, BV] -> [BV, K] on chip
+    def to_chip(x):    # stored tile ([BV, K] "vk", [K, BV] "kv") -> [BV, K] float32
+        x = x.astype(jnp.float32)
+        return x.T if layout == "kv" else x
+
+    def to_memory(S):  # [BV, K] -> stored tile
+        return S.T if layout == "kv" else S
+
+    # This program's tokens [bos, eos). Without cu_seqlens they are the static [0, T) and every
+    # loop below has static bounds (scf.for with constants, as before this feature existed).
+    # Traced bounds are clamped into [0, T] so bad traced cu_seqlens can never address
+    # memory outside q/k/v/o (SPEC: undefined results, no crash).
+    n = pl.program_id(0)
+    if varlen:
+        bos = jnp.clip(cu_ref[n], 0, T)
+        eos = jnp.clip(cu_ref[n + 1], bos, T)
     else:
-        S = jnp.zeros((BV, K), jnp.float32)
+        bos, eos = 0, T
+    if pool:
+        # Slot of this sequence in the pool. -1 (padding) and, likewise, any out-of-range
+        # index touch nothing in the pool: no read, no write, o rows zero.
+        raw = idx_ref[n]
+        valid = (raw >= 0) & (raw < h0_ref.shape[0])
+        slot = jnp.where(valid, raw, 0)
+        bos = jnp.asarray(bos, jnp.int32)
+        hi = jnp.where(valid, eos, bos)  # end of the tokens actually run (bos for padding)
+        # Masked load: the GPU issues no memory transaction for padding (other=0).
+        tile = h0_ref.shape[1:]
+        S = to_chip(plt.load(h0_ref.at[slot], mask=jnp.broadcast_to(valid, tile), other=0.0))
+    else:
+        hi = eos
+        S = to_chip(h0_ref[...]) if has_h0 else jnp.zeros((BV, K), jnp.float32)
+
+    if ns:
+        # Slots before the sequence's first token hold the initial state: slots j < ns - L.
+        # (The others are written by the token loop, so nothing is stored twice.)
+        L = hi - bos
+        n_init = max(ns - L, 0) if isinstance(L, int) else jnp.clip(ns - L, 0, ns)
+        S0 = to_memory(S)
+
+        def init_snap(j, c):
+            snap_ref[j] = S0
+            return c
+
+        if not (isinstance(n_init, int) and n_init == 0):
+            jax.lax.fori_loop(0, n_init, init_snap, 0)
+        first_snap = hi - ns  # token t goes to slot t - first_snap when that is >= 0
 
     def load(t):
         """Token t's small inputs, raw (casts happen at use)."""
@@ -141,8 +236,9 @@ def _kernel(*refs, T, scale, use_qk_l2norm, kda, has_h0, store_ht, layout, prefe
     def step(t, carry):
         S, cur = carry
         # Software pipelining: issue token t+1's loads before token t's math, so their
-        # latency overlaps the reductions (the index is clamped; the last prefetch is unused).
-        nxt = load(jnp.minimum(t + 1, T - 1)) if prefetch else None
+        # latency overlaps the reductions (the index is clamped to this sequence's last
+        # token; the last prefetch is unused).
+        nxt = load(jnp.minimum(t + 1, hi - 1)) if prefetch else None
         if not prefetch:
             cur = load(t)
         q, k, v, g, beta = (x.astype(jnp.float32) for x in cur)
@@ -155,42 +251,91 @@ def _kernel(*refs, T, scale, use_qk_l2norm, kda, has_h0, store_ht, layout, prefe
         u = beta * (v - jnp.sum(S * k[None, :], axis=1))  # [BV]
         S = S + u[:, None] * k[None, :]
         o_ref[t, :] = jnp.sum(S * q[None, :], axis=1).astype(o_ref.dtype)
+        if ns:
+            j = t - first_snap
+
+            @pl.when(j >= 0)
+            def _():
+                snap_ref[j] = to_memory(S)
         return S, nxt
 
-    init = load(0) if prefetch else None
-    S, _ = jax.lax.fori_loop(0, T, step, (S, init))
-    if store_ht:
-        ht_ref[...] = S.T if layout == "kv" else S
+    # The first prefetch is clamped too: an empty last sequence has bos == T.
+    init = load(jnp.minimum(bos, T - 1) if varlen else bos) if prefetch else None
+    S, _ = jax.lax.fori_loop(bos, hi, step, (S, init))
+
+    if pool:
+        # Padding: its o rows [hi, eos) = [bos, eos) are zeros (empty range otherwise).
+        zero = jnp.zeros((BV,), o_ref.dtype)
+
+        def zero_row(t, c):
+            o_ref[t, :] = zero
+            return c
+
+        jax.lax.fori_loop(hi, eos, zero_row, 0)
+
+        @pl.when(valid)
+        def _():
+            ht_ref[slot] = to_memory(S)
+    elif store_ht:
+        ht_ref[...] = to_memory(S)
 
 
 def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
                     use_qk_l2norm: bool = False, output_final_state: bool = True,
                     interpret: bool = False, state_layout: str = "kv",
                     alias_state: bool = True, block_v: int | None = None,
-                    num_warps: int | None = None, prefetch: bool = True):
-    """Runs T >= 1 tokens of the gated delta rule through the fused Pallas kernel.
+                    num_warps: int | None = None, prefetch: bool = True,
+                    cu_seqlens=None, state_indices=None, num_snapshots: int = 0):
+    """Runs the gated delta rule through the fused Pallas kernel (T >= 1 packed tokens).
 
     q, k `[B, T, Hk, K]`; v `[B, T, Hv, V]`; g `[B, T, Hv]` (GDA) or `[B, T, Hv, K]` (KDA);
-    beta `[B, T, Hv]`; initial_state float32 `[B, Hv, K, V]` ("kv") or `[B, Hv, V, K]` ("vk"),
-    or None (zeros; no state is read). Returns `(o [B, T, Hv, V] in q.dtype, final_state)`,
-    final_state float32 in `state_layout`, or None when `output_final_state` is False.
+    beta `[B, T, Hv]`; initial_state float32 `[N, Hv, K, V]` ("kv") or `[N, Hv, V, K]` ("vk"),
+    or None (zeros; no state is read). N = B, or the number of sequences with `cu_seqlens`.
+    Returns `(o [B, T, Hv, V] in q.dtype, final_state)`, final_state float32 `[N, ...]` in
+    `state_layout`, or None when `output_final_state` is False; with `num_snapshots` > 0,
+    `(o, final_state, snapshots)`. Semantics: docs/varlen_semantics.md.
+
+    cu_seqlens: int `[N + 1]` (B == 1; may be traced: one program per (T, N)). Program n runs
+    tokens `cu[n] .. cu[n+1]-1` from sequence n's own initial state. Bounds are clamped into
+    [0, T], so bad traced values give undefined results but never out-of-bounds accesses.
+    state_indices: int `[N]` (may be traced). initial_state is then the pool `[P, Hv, K, V]`
+    ("kv") / `[P, Hv, V, K]` ("vk"); sequence n starts from slot `state_indices[n]` and its
+    final state is written back there; final_state is the whole pool, every other slot untouched.
+    The pool is always aliased to final_state, even with alias_state=False: the kernel writes
+    only the indexed slots, so the output buffer must start as the pool. A caller that donates
+    the pool gets an in-place update; one that does not gets one XLA copy of the pool.
+    Index -1 (padding) and any other index outside [0, P) read and write nothing, and their o
+    rows (and snapshots) are zeros. Duplicate indices: which sequence's state lands in the slot
+    is unspecified. Needs output_final_state=True (the pool is the output).
+    num_snapshots = ns (Python int): also returns snapshots float32 `[N, ns, Hv, K, V]` ("kv") /
+    `[N, ns, Hv, V, K]` ("vk"): `snapshots[n, j]` = state after token `L_n - ns + j` of sequence
+    n; slots before its first token hold its initial state.
 
     alias_state: with an initial state and a final state, the state buffer is aliased to the
     final state (`input_output_aliases`): a caller that donates it (jit donate_argnums) gets an
     in-place update and no new state buffer; a caller that does not donate gets one XLA copy
     (read + write of the state) before the kernel. Pass False when the initial state must stay
-    alive (e.g. as a residual for the backward pass) to avoid that copy.
+    alive (e.g. as a residual for the backward pass) to avoid that copy. Ignored for a pool.
     block_v / num_warps override `choose_config` (tuning, tests).
     """
-    reason = supports(q, k, v, g, beta, initial_state, state_layout=state_layout)
+    reason = supports(q, k, v, g, beta, initial_state, state_layout=state_layout,
+                      cu_seqlens=cu_seqlens, state_indices=state_indices,
+                      num_snapshots=num_snapshots)
     if reason is not None:
         raise ValueError(f"gdn_jax: the Pallas recurrent kernel cannot serve this call: {reason}")
+    pool = state_indices is not None
+    if pool and not output_final_state:
+        raise ValueError("gdn_jax: the Pallas recurrent kernel with state_indices needs "
+                         "output_final_state=True: the updated pool is its final state")
+    varlen = cu_seqlens is not None
+    ns = int(num_snapshots)
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
+    N = cu_seqlens.shape[0] - 1 if varlen else B
     group = Hv // Hk
     kda = g.ndim == 4
     has_h0 = initial_state is not None
-    bv, nw = choose_config(B, Hv, K, V, block_v)
+    bv, nw = choose_config(N, Hv, K, V, block_v)
     if num_warps is not None:
         nw = int(num_warps)
     nv = V // bv
@@ -198,41 +343,65 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
     q, k, v, g, beta, initial_state = _platform.guard(
         q, k, v, g, beta, initial_state, what="fused recurrent kernel", interpret=interpret)
 
-    qk_spec = pl.BlockSpec((None, T, None, K), lambda n, h, j: (n, 0, h // group, 0))
-    v_spec = pl.BlockSpec((None, T, None, bv), lambda n, h, j: (n, 0, h, j))
+    # Token inputs and o: with cu_seqlens every program sees the one packed row (b = 0) and
+    # addresses its own tokens inside it; whole-T blocks cost nothing on the Triton backend,
+    # which loads row by row through the ref.
+    b_of = (lambda n: 0) if varlen else (lambda n: n)
+    qk_spec = pl.BlockSpec((None, T, None, K), lambda n, h, j: (b_of(n), 0, h // group, 0))
+    v_spec = pl.BlockSpec((None, T, None, bv), lambda n, h, j: (b_of(n), 0, h, j))
     if kda:
-        g_spec = pl.BlockSpec((None, T, None, K), lambda n, h, j: (n, 0, h, 0))
+        g_spec = pl.BlockSpec((None, T, None, K), lambda n, h, j: (b_of(n), 0, h, 0))
     else:
-        g_spec = pl.BlockSpec((None, T, None), lambda n, h, j: (n, 0, h))
-    b_spec = pl.BlockSpec((None, T, None), lambda n, h, j: (n, 0, h))
+        g_spec = pl.BlockSpec((None, T, None), lambda n, h, j: (b_of(n), 0, h))
+    b_spec = pl.BlockSpec((None, T, None), lambda n, h, j: (b_of(n), 0, h))
+    # State tiles. A pool is passed whole along P (the Triton backend has no scalar prefetch to
+    # pick the slot in the index map); the kernel indexes slot state_indices[n] itself.
+    lead = initial_state.shape[0] if pool else N
     if state_layout == "vk":
-        s_spec = pl.BlockSpec((None, None, bv, K), lambda n, h, j: (n, h, j, 0))
-        s_shape = (B, Hv, V, K)
+        s_spec = pl.BlockSpec((lead if pool else None, None, bv, K),
+                              lambda n, h, j: (0 if pool else n, h, j, 0))
+        s_shape = (lead, Hv, V, K)
+        snap_spec = pl.BlockSpec((None, ns, None, bv, K), lambda n, h, j: (n, 0, h, j, 0))
+        snap_shape = (N, ns, Hv, V, K)
     else:
-        s_spec = pl.BlockSpec((None, None, K, bv), lambda n, h, j: (n, h, 0, j))
-        s_shape = (B, Hv, K, V)
+        s_spec = pl.BlockSpec((lead if pool else None, None, K, bv),
+                              lambda n, h, j: (0 if pool else n, h, 0, j))
+        s_shape = (lead, Hv, K, V)
+        snap_spec = pl.BlockSpec((None, ns, None, K, bv), lambda n, h, j: (n, 0, h, 0, j))
+        snap_shape = (N, ns, Hv, K, V)
 
     in_specs = [qk_spec, qk_spec, v_spec, g_spec, b_spec]
     args = [q, k, v, g, beta]
     if has_h0:
         in_specs.append(s_spec)
         args.append(initial_state)
+    if varlen:
+        in_specs.append(pl.BlockSpec((N + 1,), lambda n, h, j: (0,)))
+        args.append(jnp.asarray(cu_seqlens).astype(jnp.int32))
+    if pool:
+        in_specs.append(pl.BlockSpec((N,), lambda n, h, j: (0,)))
+        args.append(jnp.asarray(state_indices).astype(jnp.int32))
     out_specs = [v_spec]
     out_shape = [jax.ShapeDtypeStruct((B, T, Hv, V), q.dtype)]
     if output_final_state:
         out_specs.append(s_spec)
         out_shape.append(jax.ShapeDtypeStruct(s_shape, jnp.float32))
-    aliases = {5: 1} if (has_h0 and output_final_state and alias_state) else {}
+    if ns:
+        out_specs.append(snap_spec)
+        out_shape.append(jax.ShapeDtypeStruct(snap_shape, jnp.float32))
+    aliases = {5: 1} if (has_h0 and output_final_state and (alias_state or pool)) else {}
 
     kernel = functools.partial(
         _kernel, T=T, scale=float(scale), use_qk_l2norm=bool(use_qk_l2norm), kda=kda,
         has_h0=has_h0, store_ht=bool(output_final_state), layout=state_layout,
-        prefetch=bool(prefetch) and T > 1)
+        prefetch=bool(prefetch) and T > 1, varlen=varlen, pool=pool, ns=ns)
     name = (f"gdn_recurrent_{'kda' if kda else 'gda'}_k{K}_v{V}_bv{bv}_{state_layout}"
-            f"{'_h0' if has_h0 else ''}{'_ht' if output_final_state else ''}")
+            f"{'_varlen' if varlen else ''}{'_pool' if pool else ''}"
+            f"{'_h0' if has_h0 and not pool else ''}{'_ht' if output_final_state else ''}"
+            f"{f'_snap{ns}' if ns else ''}")
     outs = pl.pallas_call(
         kernel,
-        grid=(B, Hv, nv),
+        grid=(N, Hv, nv),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -243,4 +412,6 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
     )(*args)
     o = outs[0]
     ht = outs[1] if output_final_state else None
+    if ns:
+        return o, ht, outs[-1]
     return o, ht

@@ -1,0 +1,37 @@
+"""Sharding over 8 host CPU devices (gdn_jax.sharding), and the sharded training example.
+
+The device count must be set before jax is imported, so the cases (tests/sharding_cases.py)
+and the example run in their own processes; a failure shows their output.
+"""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, (f"exit status {proc.returncode}\n--- stdout ---\n{proc.stdout}"
+                                  f"\n--- stderr ---\n{proc.stderr[-8000:]}")
+
+
+def test_sharding_cases_on_8_host_devices():
+    proc = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sharding_cases.py"], 900)
+    _check(proc)
+    # no skips or deselections presented as passes
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert "passed" in summary and not any(w in summary for w in ("skipped", "xfail", "deselected")), summary
+
+
+def test_sharded_training_example():
+    # impl="reference": the chunked backward would take most of a minute to compile here
+    proc = _run(["examples/sharded_training.py", "--steps", "2", "--impl", "reference"], 600)
+    _check(proc)
+    assert "loss" in proc.stdout, proc.stdout

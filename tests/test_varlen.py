@@ -1,0 +1,366 @@
+"""Packed sequences (cu_seqlens), state pools (state_indices) and snapshots through the public op.
+
+The anchor is "separate calls": every packed sequence run on its own. Forward values are
+checked against a float64 numpy recurrence per sequence; gradients against the float32
+reference run on the sequences batched (B = N) and padded at the FRONT with identity tokens
+(q = k = v = beta = g = 0 leave the state unchanged and get zero cotangents, so each batch row
+is exactly a separate call). Pallas kernels run in interpret mode; those tests assert that
+`pallas_call` is in the traced program.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gdn_jax import gated_delta_net
+from helpers import numpy_reference, rel_err
+
+F32 = jnp.float32
+# (impl, backend) pairs; Pallas in interpret mode
+PATHS = [("reference", "xla"), ("recurrent", "xla"), ("chunked", "xla"),
+         ("recurrent", "pallas"), ("chunked", "pallas")]
+TOL = {"reference": 1e-5, "recurrent": 1e-5, "chunked": 1e-4}
+
+
+def _inputs(T, N, *, kda, Hk=1, G=2, K=16, V=16, seed=0, gmin=-2.0):
+    rng = np.random.default_rng(seed)
+    Hv = Hk * G
+    q = rng.standard_normal((1, T, Hk, K))
+    k = rng.standard_normal((1, T, Hk, K))
+    v = rng.standard_normal((1, T, Hv, V))
+    g = rng.uniform(gmin, 0.0, (1, T, Hv, K) if kda else (1, T, Hv))
+    beta = rng.uniform(0.0, 1.0, (1, T, Hv))
+    h0 = rng.standard_normal((N, Hv, K, V))
+    return tuple(jnp.asarray(x, F32) for x in (q, k, v, g, beta)), jnp.asarray(h0, F32)
+
+
+def _cu(lens):
+    return jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
+
+
+def _op(impl, backend, **kw):
+    interp = backend == "pallas"
+
+    def f(q, k, v, g, beta, h0, cu):
+        return gated_delta_net(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu,
+                               output_final_state=True, use_qk_l2norm_in_kernel=True,
+                               impl=impl, backend=backend, interpret=interp, **kw)
+    return f
+
+
+def _pad_batch(args, lens, L):
+    """Packed [1, T, ...] -> batched [N, L, ...], each sequence right-aligned (front padding)."""
+    cu = np.concatenate([[0], np.cumsum(lens)])
+    out = []
+    for x in args:
+        rows = []
+        for n, ln in enumerate(lens):
+            seg = x[0, cu[n]:cu[n + 1]]
+            rows.append(jnp.concatenate([jnp.zeros((L - ln,) + seg.shape[1:], x.dtype), seg]))
+        out.append(jnp.stack(rows))
+    return tuple(out)
+
+
+def _unpad(y, lens, L):
+    """Batched [N, L, ...] (front padded) -> packed [1, T, ...]."""
+    return jnp.concatenate([y[n, L - ln:] for n, ln in enumerate(lens)])[None]
+
+
+def _padded_reference_vjp(args, h0, lens, cotangents):
+    """Outputs and gradients of separate per-sequence reference calls (batched, front padded)."""
+    L = max(max(lens), 1)
+    padded = _pad_batch(args, lens, L)
+    do, dht = cotangents
+
+    def f(q, k, v, g, beta, h0):
+        return gated_delta_net(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                               use_qk_l2norm_in_kernel=True, impl="reference")
+
+    (o, ht), vjp = jax.vjp(f, *padded, h0)
+    grads = vjp((_pad_batch((do,), lens, L)[0], dht))
+    return (_unpad(o, lens, L), ht), tuple(_unpad(gr, lens, L) for gr in grads[:5]) + (grads[5],)
+
+
+def _check_against_separate(impl, backend, lens, *, kda, seed=0, gmin=-2.0, fn=None):
+    T, N = sum(lens), len(lens)
+    args, h0 = _inputs(T, N, kda=kda, seed=seed, gmin=gmin)
+    cu = _cu(lens)
+    f = fn or _op(impl, backend)
+    if backend == "pallas":
+        assert "pallas_call" in str(jax.make_jaxpr(f)(*args, h0, cu))
+    rng = np.random.default_rng(seed + 7)
+    do = jnp.asarray(rng.standard_normal((1, T) + args[2].shape[2:]), F32)
+    dht = jnp.asarray(rng.standard_normal(h0.shape), F32)
+    (o, ht), vjp = jax.vjp(lambda *a: jax.jit(f)(*a, cu), *args, h0)
+    grads = vjp((do, dht))
+    (o_ref, ht_ref), grads_ref = _padded_reference_vjp(args, h0, lens, (do, dht))
+    tol = TOL[impl]
+    assert rel_err(o, o_ref) < tol
+    assert rel_err(ht, ht_ref) < tol
+    for name, gr, gr_ref in zip(("q", "k", "v", "g", "beta", "h0"), grads, grads_ref):
+        assert rel_err(gr, gr_ref) < tol, name
+    return o, ht
+
+
+def test_padded_reference_equals_numpy_per_sequence():
+    """The anchor itself: the batched, front-padded reference equals float64 numpy per sequence."""
+    lens = [0, 1, 5, 19, 3]
+    args, h0 = _inputs(sum(lens), len(lens), kda=True, seed=3)
+    cu = np.concatenate([[0], np.cumsum(lens)])
+    zeros = (jnp.zeros((1, sum(lens), 2, 16), F32), jnp.zeros(h0.shape, F32))
+    (o, ht), _ = _padded_reference_vjp(args, h0, lens, zeros)
+    for n in range(len(lens)):
+        seg = tuple(x[:, cu[n]:cu[n + 1]] for x in args)
+        o_np, ht_np = numpy_reference(*seg, np.asarray(h0[n:n + 1]), l2norm=True)
+        if lens[n]:
+            assert rel_err(o[:, cu[n]:cu[n + 1]], o_np) < 1e-5
+        assert rel_err(ht[n:n + 1], ht_np) < 1e-5
+
+
+@pytest.mark.parametrize("impl,backend,kda", [
+    ("reference", "xla", True), ("recurrent", "xla", False), ("recurrent", "xla", True),
+    ("chunked", "xla", False), ("chunked", "xla", True),
+    ("recurrent", "pallas", True), ("chunked", "pallas", False)])
+def test_packed_equals_separate_calls(impl, backend, kda):
+    # lengths 0, 1, short, longer than a chunk; a boundary falls inside chunks
+    _check_against_separate(impl, backend, [3, 0, 70, 1, 0, 9], kda=kda)
+
+
+def test_strong_decay_packed_chunked():
+    _check_against_separate("chunked", "xla", [40, 30], kda=False, gmin=-20.0, seed=5)
+
+
+@pytest.mark.parametrize("impl,backend", PATHS)
+@given(cuts=st.lists(st.integers(0, 48), min_size=3, max_size=3), kda=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_random_packings_equal_separate_calls(impl, backend, cuts, kda, seed):
+    """Random splits of T = 48 tokens into 4 sequences (lengths 0..48): one compiled program
+    per path serves every split, since cu_seqlens is traced."""
+    c = sorted(cuts)
+    lens = [c[0], c[1] - c[0], c[2] - c[1], 48 - c[2]]
+    _check_against_separate(impl, backend, lens, kda=kda, seed=seed)
+
+
+def test_one_program_for_all_packings():
+    f = jax.jit(_op("chunked", "xla"))
+    args, h0 = _inputs(20, 3, kda=False)
+    for lens in ([5, 5, 10], [0, 20, 0], [1, 1, 18]):
+        f(*args, h0, _cu(lens))
+    assert f._cache_size() == 1
+
+
+# ----------------------------------------------------------------------------- state pool
+
+
+def _pool_call(impl, backend, layout="kv", donate=False):
+    interp = backend == "pallas"
+
+    def f(q, k, v, g, beta, pool, idx):
+        return gated_delta_net(q, k, v, g, beta, initial_state=pool, state_indices=idx,
+                               output_final_state=True, impl=impl, backend=backend,
+                               interpret=interp, state_layout=layout)
+    return jax.jit(f, donate_argnums=(5,) if donate else ())
+
+
+@pytest.mark.parametrize("impl,backend,layout,kda", [
+    ("recurrent", "xla", "kv", False), ("chunked", "xla", "vk", True),
+    ("recurrent", "pallas", "vk", False), ("recurrent", "pallas", "kv", True),
+    ("chunked", "pallas", "kv", False), ("reference", "xla", "vk", False)])
+def test_pool_touches_only_indexed_slots(impl, backend, layout, kda):
+    B, T, P = 3, 2, 6
+    rng = np.random.default_rng(0)
+    (q, k, v, g, beta), _ = _inputs(T, 1, kda=kda)
+    q, k, v, g, beta = (jnp.concatenate([x] * B) for x in (q, k, v, g, beta))
+    q = q + jnp.asarray(rng.standard_normal(q.shape), F32)  # sequences differ
+    pool = rng.standard_normal((P, 2, 16, 16)).astype(np.float32)
+    pool[0] = np.nan  # poison: an unindexed slot must come back bit-identical
+    pool[5] = 1e30
+    idx = jnp.asarray([4, -1, 1], jnp.int32)
+    f = _pool_call(impl, backend, layout)
+    if backend == "pallas":
+        assert "pallas_call" in str(jax.make_jaxpr(f)(q, k, v, g, beta, jnp.asarray(pool), idx))
+    o, new = f(q, k, v, g, beta, jnp.asarray(pool), idx)
+    new = np.asarray(new)
+    for s in (0, 2, 3, 5):
+        np.testing.assert_array_equal(new[s].view(np.uint32), pool[s].view(np.uint32))
+    assert np.all(np.asarray(o[1]) == 0)  # padding entry: zero outputs
+    kv = (lambda s: s) if layout == "kv" else (lambda s: np.swapaxes(s, -1, -2))
+    for b, slot in ((0, 4), (2, 1)):
+        o_np, ht_np = numpy_reference(q[b:b + 1], k[b:b + 1], v[b:b + 1], g[b:b + 1],
+                                      beta[b:b + 1], kv(pool[slot])[None])
+        assert rel_err(o[b:b + 1], o_np) < TOL[impl]
+        assert rel_err(kv(new[slot])[None], ht_np) < TOL[impl]
+
+
+def test_pool_with_packed_sequences_and_gradients():
+    lens, P = [4, 0, 7], 5
+    args, _ = _inputs(sum(lens), 3, kda=False)
+    pool = jnp.asarray(np.random.default_rng(1).standard_normal((P, 2, 16, 16)), F32)
+    idx = jnp.asarray([3, 0, -1], jnp.int32)
+    cu = _cu(lens)
+
+    def f(*a):
+        *x, pool = a
+        o, new = gated_delta_net(*x, initial_state=pool, state_indices=idx, cu_seqlens=cu,
+                                 output_final_state=True, impl="chunked")
+        return jnp.sum(o * o) + jnp.sum(jnp.sin(new))
+
+    def separate(*a):  # the same thing with the gather/scatter written out
+        *x, pool = a
+        h0 = jnp.stack([pool[3], pool[0], jnp.zeros_like(pool[0])])
+        o, ht = gated_delta_net(*x, initial_state=h0, cu_seqlens=cu, output_final_state=True,
+                                impl="reference")
+        o = o.at[:, 4:].set(0.0)  # sequence 2 (tokens 4..10) is padding: zero outputs
+        new = pool.at[3].set(ht[0]).at[0].set(ht[1])
+        return jnp.sum(o * o) + jnp.sum(jnp.sin(new))
+
+    got = jax.grad(f, argnums=tuple(range(6)))(*args, pool)
+    want = jax.grad(separate, argnums=tuple(range(6)))(*args, pool)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-4
+
+
+def test_pool_update_is_in_place_when_donated():
+    B, P = 4, 16
+    (q, k, v, g, beta), _ = _inputs(1, 1, kda=False, K=32, V=32)
+    q, k, v, g, beta = (jnp.concatenate([x] * B) for x in (q, k, v, g, beta))
+    pool = jnp.zeros((P, 2, 32, 32), F32)
+    idx = jnp.asarray([1, 7, -1, 3], jnp.int32)
+    f = _pool_call("recurrent", "xla", donate=True)
+    hlo = f.lower(q, k, v, g, beta, pool, idx).compile().as_text()
+    assert "input_output_alias" in hlo  # the pool parameter is aliased to the output
+    # no full-size copy of the pool in the program: the only pool-sized buffer is the parameter
+    pool_ty = "f32[16,2,32,32]"
+    copies = [ln for ln in hlo.splitlines() if pool_ty in ln and " copy(" in ln]
+    assert not copies, copies
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (np.asarray([0, 2, 2], np.int32), "repeat"), (np.asarray([0, 9, 5], np.int32), "[-1, P)"),
+    (np.asarray([0, -2, 5], np.int32), "[-1, P)")])
+def test_pool_index_errors(bad, msg):
+    (q, k, v, g, beta), _ = _inputs(1, 1, kda=False)
+    q, k, v, g, beta = (jnp.concatenate([x] * 3) for x in (q, k, v, g, beta))
+    pool = jnp.zeros((9, 2, 16, 16), F32)
+    with pytest.raises(ValueError, match="state_indices") as e:
+        gated_delta_net(q, k, v, g, beta, initial_state=pool, state_indices=jnp.asarray(bad),
+                        output_final_state=True)
+    assert msg in str(e.value)
+
+
+# ----------------------------------------------------------------------------- snapshots
+
+
+@pytest.mark.parametrize("impl,backend,packed,layout", [
+    ("recurrent", "xla", False, "kv"), ("recurrent", "xla", True, "vk"),
+    ("reference", "xla", True, "kv"), ("recurrent", "pallas", True, "kv"),
+    ("recurrent", "pallas", False, "vk")])
+def test_snapshots_equal_truncated_calls(impl, backend, packed, layout):
+    ns = 4
+    lens = [6, 2, 0, 5] if packed else [6, 6]
+    T = sum(lens) if packed else 6
+    args, h0 = _inputs(T, len(lens), kda=True)
+    if not packed:
+        args = tuple(jnp.concatenate([x, x[..., ::-1, :] if x.ndim == 4 else x]) for x in args)
+    tr = (lambda s: s) if layout == "kv" else (lambda s: jnp.swapaxes(s, -1, -2))
+    cu = _cu(lens) if packed else None
+
+    def f(*a):
+        return gated_delta_net(*a, initial_state=tr(h0), cu_seqlens=cu, output_final_state=True,
+                               num_snapshots=ns, impl=impl, backend=backend,
+                               interpret=backend == "pallas", state_layout=layout)
+    if backend == "pallas":
+        assert "pallas_call" in str(jax.make_jaxpr(f)(*args))
+    o, ht, snaps = jax.jit(f)(*args)
+    assert snaps.shape == (len(lens), ns) + tr(h0).shape[1:]
+    np.testing.assert_array_equal(np.asarray(snaps[:, -1]), np.asarray(ht))
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    for n, ln in enumerate(lens):
+        for j in range(ns):
+            p = ln - ns + j  # snapshot j holds the state after token p of sequence n
+            if p < 0:
+                want = h0[n]
+            elif packed:
+                seg = tuple(x[:, starts[n]:starts[n] + p + 1] for x in args)
+                want = numpy_reference(*seg, np.asarray(h0[n:n + 1]))[1][0]
+            else:
+                seg = tuple(x[n:n + 1, :p + 1] for x in args)
+                want = numpy_reference(*seg, np.asarray(h0[n:n + 1]))[1][0]
+            assert rel_err(tr(snaps[n, j]), want) < 1e-5, (n, j)
+
+
+def test_snapshot_gradients_match_reference():
+    args, h0 = _inputs(6, 1, kda=False)
+
+    def loss(impl):
+        def f(*a):
+            o, ht, snaps = gated_delta_net(*a[:5], initial_state=a[5], output_final_state=True,
+                                           num_snapshots=3, impl=impl)
+            return jnp.sum(o) + jnp.sum(jnp.cos(snaps))
+        return jax.grad(f, argnums=tuple(range(6)))(*args, h0)
+
+    for a, b in zip(loss("recurrent"), loss("reference")):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_snapshots_with_chunked_raise():
+    args, _ = _inputs(4, 1, kda=False)
+    with pytest.raises(ValueError, match="num_snapshots"):
+        gated_delta_net(*args, num_snapshots=2, impl="chunked")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("kw,exc,words", [
+    (dict(cu_seqlens=np.asarray([0, 3, 8], np.int32), B=2), ValueError, ["B == 1", "B=2"]),
+    (dict(cu_seqlens=np.asarray([1, 3, 8], np.int32)), ValueError, ["start at 0"]),
+    (dict(cu_seqlens=np.asarray([0, 5, 3, 8], np.int32)), ValueError, ["non-decreasing"]),
+    (dict(cu_seqlens=np.asarray([0, 3, 7], np.int32)), ValueError, ["end at T=8"]),
+    (dict(cu_seqlens=np.asarray([0, 3, 8], np.int16)), TypeError, ["cu_seqlens", "int32"]),
+    (dict(cu_seqlens=np.asarray([0, 3, 8], np.float32)), TypeError, ["cu_seqlens", "int32"]),
+    (dict(cu_seqlens=np.asarray([[0, 3, 8]], np.int32)), ValueError, ["cu_seqlens", "rank 1"]),
+    (dict(cu_seqlens=np.asarray([0, 3, 8], np.int32), h0_n=3), ValueError,
+     ["initial_state", "[N, Hv, K, V]=[2,"]),
+    (dict(state_indices=np.asarray([0, 1], np.int32), h0_n=4), ValueError, ["state_indices", "[N]=[1]"]),
+    (dict(state_indices=np.asarray([0], np.int32), h0_n=None, B=1), ValueError, ["pool", "None"]),
+    (dict(state_indices=np.asarray([4], np.int32), h0_n=4, B=1), ValueError, ["state_indices", "P=4"]),
+    (dict(state_indices=np.asarray([0], np.int32), h0_n=4, B=1, final=False), ValueError,
+     ["output_final_state=True"]),
+    (dict(num_snapshots=-1), ValueError, ["num_snapshots"]),
+    (dict(num_snapshots=2.0), TypeError, ["num_snapshots"]),
+])
+def test_varlen_errors(kw, exc, words):
+    B = kw.pop("B", 1)
+    h0_n = kw.pop("h0_n", None)
+    final = kw.pop("final", True)
+    args, _ = _inputs(8, 1, kda=False)
+    args = tuple(jnp.concatenate([x] * B) for x in args)
+    h0 = None if h0_n is None else jnp.zeros((h0_n, 2, 16, 16), F32)
+    kw = {n: (jnp.asarray(x) if isinstance(x, np.ndarray) else x) for n, x in kw.items()}
+    with pytest.raises(exc) as e:
+        gated_delta_net(*args, initial_state=h0, output_final_state=final, **kw)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_traced_values_are_not_checked_but_shapes_are():
+    """Under jit the values of cu_seqlens are unknown: shapes are still checked at trace time."""
+    args, h0 = _inputs(8, 2, kda=False)
+    f = jax.jit(lambda cu: gated_delta_net(*args, initial_state=h0, cu_seqlens=cu))
+    f(jnp.asarray([0, 3, 8], jnp.int32))  # fine
+    with pytest.raises(ValueError, match="initial_state"):
+        f(jnp.asarray([0, 3, 5, 8], jnp.int32))
+
+
+def test_empty_call_passes_states_through():
+    args, h0 = _inputs(0, 2, kda=False)
+    o, ht, snaps = gated_delta_net(*args, initial_state=h0, cu_seqlens=jnp.zeros(3, jnp.int32),
+                                   output_final_state=True, num_snapshots=2)
+    assert o.shape == (1, 0, 2, 16)
+    np.testing.assert_array_equal(np.asarray(ht), np.asarray(h0))
+    np.testing.assert_array_equal(np.asarray(snaps[:, 1]), np.asarray(h0))
