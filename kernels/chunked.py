@@ -34,17 +34,27 @@ Backward (three kernels plus the prep kernel):
 
 Strong decay: exactly-one decay factors (P's diagonal, Kd of the chunk's last real token) are
 constants, and their dG terms are masked out instead of cancelling (SPEC section 4).
+
+Packed sequences (`cu_seqlens`, B == 1): the same kernels on the packed arrays, no copies. A
+chunk table (`chunk_tables`) gives each chunk of the chunk-aligned layout its packed rows
+[t0, end), its sequence and whether it starts / ends it; rows past `end` are masked exactly like
+rows past T, so no chunk mixes two sequences. Only the sequential passes change: the forward
+resets the state to h0[n] at a sequence's first chunk and stores ht[n] after its last; the
+reverse pass restarts from dht[n] at the last chunk and stores dh0[n] after the first. Without
+cu_seqlens every kernel is traced exactly as before (a static flag).
 """
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .._common import G_MIN, INPUT_DTYPES, L2NORM_EPS, l2norm
+from .._common import G_MIN, INPUT_DTYPES, L2NORM_EPS, check_varlen, l2norm
+from .._varlen import num_aligned_chunks
 from . import _platform
 
 __all__ = ["supports", "chunked_forward", "chunked_backward", "CHUNK", "choose_block_v"]
@@ -60,8 +70,12 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv"):
-    """None if the chunked Pallas kernels can serve these shapes/dtypes, else the reason."""
+def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv", cu_seqlens=None):
+    """None if the chunked Pallas kernels can serve these shapes/dtypes, else the reason.
+
+    Looks at shapes and dtypes only (ShapeDtypeStructs work). With `cu_seqlens` (int32
+    [N + 1]) B must be 1 and initial_state, when given, is [N, Hv, K, V].
+    """
     if state_layout != "kv":
         return f'state_layout={state_layout!r}: the chunked kernels take the "kv" layout only'
     if getattr(q, "ndim", None) != 4 or getattr(v, "ndim", None) != 4:
@@ -90,9 +104,20 @@ def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv"):
         return f"g shape {tuple(g.shape)} is not [B, T, Hv]"
     if tuple(beta.shape) != (B, T, Hv):
         return f"beta shape {tuple(beta.shape)} is not [B, T, Hv]"
+    N, n_name = B, "B"
+    if cu_seqlens is not None:
+        if getattr(cu_seqlens, "ndim", None) != 1 or cu_seqlens.shape[0] < 2:
+            return (f"cu_seqlens shape {tuple(getattr(cu_seqlens, 'shape', ()))} is not [N + 1] "
+                    "with N >= 1")
+        if jnp.dtype(cu_seqlens.dtype) != jnp.dtype(jnp.int32):
+            return f"cu_seqlens dtype {cu_seqlens.dtype} is not int32"
+        if B != 1:
+            return f"cu_seqlens packs the sequences along T and needs B == 1, got B={B}"
+        N, n_name = cu_seqlens.shape[0] - 1, "N"
     if initial_state is not None:
-        if tuple(initial_state.shape) != (B, Hv, K, V):
-            return f"initial_state shape {tuple(initial_state.shape)} is not [B, Hv, K, V]"
+        if tuple(initial_state.shape) != (N, Hv, K, V):
+            return (f"initial_state shape {tuple(initial_state.shape)} is not [{n_name}, Hv, K, V] "
+                    f"= {(N, Hv, K, V)}")
         if jnp.dtype(initial_state.dtype) != jnp.dtype(F32):
             return f"initial_state must be float32, got {initial_state.dtype}"
     return None
@@ -213,26 +238,162 @@ def _chunk_A(k, beta, G, lp):
 
 
 # ----------------------------------------------------------------------------------------
+# Packed sequences (cu_seqlens): per-chunk tables
+# ----------------------------------------------------------------------------------------
+#
+# The kernels read and write the packed [1, T, ...] arrays in place; no aligned copy is made.
+# Chunk c of the chunk-aligned layout (`gdn_jax._varlen.chunk_layout`: every sequence starts a
+# chunk) is the packed rows t0 .. t0 + C - 1, of which rows < end are real: rows at or past `end`
+# are masked on load (q = k = v = g = beta = 0, identity tokens) and on store, exactly like the
+# rows past T of the last chunk without cu_seqlens. So a chunk never mixes two sequences, and
+# the chunk-local math (prep, gradients) is unchanged; only the sequential state passes reset
+# at sequence boundaries.
+
+TAB_T0, TAB_END, TAB_SEQ, TAB_FLAGS = range(4)   # columns of the chunk table
+FIRST, LAST = 1, 2                                # flag bits: chunk starts / ends its sequence
+
+
+class ChunkTables(NamedTuple):
+    ctab: jax.Array     # [NC, 4] int32: (t0, end, sequence, flags) per aligned chunk
+    nused: jax.Array    # [1] int32: chunks in use (sum of ceil(L_n / C)); the rest are empty
+    empty: jax.Array    # [N] int32: 1 for a length-0 sequence (it owns no chunk)
+    num_chunks: int     # NC, static: `num_aligned_chunks(T, N, C)`
+    num_seqs: int       # N
+
+
+def chunk_tables(cu_seqlens, T: int) -> ChunkTables:
+    """The per-chunk tables of the packed layout, computed with jnp (cu_seqlens may be traced).
+
+    The same layout as `gdn_jax._varlen.chunk_layout` (sequence n owns aligned chunks
+    start_n .. end_n - 1, ceil(L_n / C) of them, in order; tests check the two agree), written
+    as broadcast compares and row reductions over [NC, N] instead of searchsorted, so XLA
+    builds it in a few small fusions and no loop.
+
+    Unused trailing chunks (c >= nused) get t0 = end = 0, sequence 0 and no flags: every row
+    is masked and the parallel kernels skip them; the sequential kernels stop at nused.
+    Rows are clipped to [0, T] and nused to NC, so a traced cu_seqlens with bad values gives
+    undefined results but never an out-of-bounds access.
+    """
+    cu = jnp.asarray(cu_seqlens).astype(jnp.int32)
+    N = cu.shape[0] - 1
+    NC = num_aligned_chunks(T, N, CHUNK)
+    lens = cu[1:] - cu[:-1]
+    nch = jnp.maximum(lens + CHUNK - 1, 0) // CHUNK
+    endc = jnp.cumsum(nch).astype(jnp.int32)        # exclusive end chunk of each sequence
+    startc = endc - nch
+    c = jnp.arange(NC, dtype=jnp.int32)[:, None]
+    own = (startc[None, :] <= c) & (c < endc[None, :])   # [NC, N]: at most one owner per chunk
+
+    def pick(x):
+        return jnp.sum(jnp.where(own, x, 0), axis=1)
+
+    used = jnp.any(own, axis=1)
+    seq = pick(jnp.arange(N, dtype=jnp.int32)[None, :])
+    t0 = jnp.clip(pick(cu[None, :-1] + (c - startc[None, :]) * CHUNK), 0, T)
+    end = jnp.clip(jnp.minimum(t0 + CHUNK, pick(cu[None, 1:])), t0, T)
+    flags = pick(jnp.where(c == startc[None, :], FIRST, 0)
+                 + jnp.where(c == endc[None, :] - 1, LAST, 0))
+    ctab = jnp.stack([jnp.where(used, t0, 0), jnp.where(used, end, 0), seq, flags], axis=1)
+    nused = jnp.clip(jnp.sum(nch), 0, NC).astype(jnp.int32).reshape(1)
+    return ChunkTables(ctab.astype(jnp.int32), nused, (lens == 0).astype(jnp.int32), NC, N)
+
+
+def _span(ctab_ref, c, C, T):
+    """(t0, end) of chunk c: its first packed row and the exclusive end of its real rows.
+    Without cu_seqlens (ctab_ref None) c * C and T, exactly the expressions of the dense path."""
+    if ctab_ref is None:
+        return c * C, T
+    return ctab_ref[c, TAB_T0], ctab_ref[c, TAB_END]
+
+
+def _table_row(ctab_ref, c):
+    """Chunk c's table row (t0, end, sequence, flags), c clipped into the table."""
+    c = jnp.clip(c, 0, ctab_ref.shape[0] - 1)
+    return tuple(ctab_ref[c, i] for i in range(4))
+
+
+def _seq_flags(row):
+    """(sequence, first, last) from a table row."""
+    return row[TAB_SEQ], (row[TAB_FLAGS] & FIRST) != 0, (row[TAB_FLAGS] & LAST) != 0
+
+
+def _varlen_loop(ctab_ref, n, body, carry, reverse=False):
+    """fori_loop over chunks 0 .. n-1 (n - 1 .. 0 when reverse) calling body(c, row, carry).
+
+    The next chunk's table row is loaded one iteration ahead (carried), so the chunk's
+    operand addresses do not wait on a dependent scalar load at every step of the sequential
+    pass."""
+    def step(i, carry_row):
+        carry, row = carry_row
+        c = n - 1 - i if reverse else i
+        nxt = _table_row(ctab_ref, c - 1 if reverse else c + 1)
+        return body(c, row, carry), nxt
+    row0 = _table_row(ctab_ref, n - 1 if reverse else 0)
+    return jax.lax.fori_loop(0, n, step, (carry, row0))[0]
+
+
+def _load_state_if(ref, n, pred, other):
+    """State tile of sequence n from a [N, K, BV] block where pred, else `other` (a tile or 0).
+    Predicated: nothing is read when pred is false, so the per-chunk check costs no memory
+    traffic, and the loaded tile replaces `other` in place (no second live tile)."""
+    shape = (ref.shape[-2], ref.shape[-1])
+    return plt.load(ref.at[n], mask=jnp.full(shape, pred), other=other).astype(F32)
+
+
+def _store_state_if(ref, n, val, pred):
+    plt.store(ref.at[n], val.astype(ref.dtype), mask=jnp.full(val.shape, pred))
+
+
+def _fill_empty(empty_ref, src_ref, dst_ref, N, shape):
+    """dst[n] = src[n] (zeros when src_ref is None) for every length-0 sequence n: it owns no
+    chunk, so the chunk loop never writes its final state (or its dh0)."""
+    def body(n, carry):
+        e = empty_ref[n] != 0
+        val = (_load_state_if(src_ref, n, e, 0.0) if src_ref is not None
+               else jnp.zeros(shape, F32))
+        _store_state_if(dst_ref, n, val, e)
+        return carry
+    jax.lax.fori_loop(0, N, body, 0)
+
+
+# ----------------------------------------------------------------------------------------
 # Forward kernels
 # ----------------------------------------------------------------------------------------
 
-def _prep_kernel(k_ref, v_ref, g_ref, b_ref, w_ref, u_ref, *, T, C, l2, lp):
-    t0 = pl.program_id(2) * C
-    k = _rows(k_ref, t0, C, T).astype(F32)
-    if l2:
-        k = _l2n(k)
-    v = _rows(v_ref, t0, C, T)
-    _, beta, G, _ = _gates(g_ref, b_ref, t0, C, T)
-    A, _, _ = _chunk_A(k, beta, G, lp)
-    Tm = _inv_unit_lower(A)
-    bK = (beta * jnp.exp(G))[:, None] * k
-    bV = beta[:, None] * v.astype(F32)
-    _store_rows(w_ref, t0, _dot(Tm, bK, lp=lp), T)
-    _store_rows(u_ref, t0, _dot(Tm, bV, lp=lp), T)
+def _prep_kernel(*refs, T, C, l2, lp, varlen):
+    ctab_ref = refs[0] if varlen else None
+    k_ref, v_ref, g_ref, b_ref, w_ref, u_ref = refs[1:] if varlen else refs
+    t0, end = _span(ctab_ref, pl.program_id(2), C, T)
+
+    def run():
+        k = _rows(k_ref, t0, C, end).astype(F32)
+        if l2:
+            k = _l2n(k)
+        v = _rows(v_ref, t0, C, end)
+        _, beta, G, _ = _gates(g_ref, b_ref, t0, C, end)
+        A, _, _ = _chunk_A(k, beta, G, lp)
+        Tm = _inv_unit_lower(A)
+        bK = (beta * jnp.exp(G))[:, None] * k
+        bV = beta[:, None] * v.astype(F32)
+        _store_rows(w_ref, t0, _dot(Tm, bK, lp=lp), end)
+        _store_rows(u_ref, t0, _dot(Tm, bV, lp=lp), end)
+
+    if varlen:
+        pl.when(end > t0)(run)   # unused trailing chunks: nothing to do
+    else:
+        run()
 
 
-def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, store_states):
+def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, store_states,
+                  varlen=False, N=1):
+    """The sequential forward pass of one (sequence, value head, V-block).
+
+    varlen: refs start with the chunk tables; the loop runs over the nused aligned chunks, the
+    state becomes the sequence's initial state (h0[n] or zeros) at each sequence's first chunk
+    and is stored as its final state after its last chunk (h0 / ht are [N, K, BV] blocks).
+    """
     it = iter(refs)
+    ctab_ref, nused_ref, empty_ref = (next(it) for _ in range(3)) if varlen else (None,) * 3
     q_ref, k_ref, g_ref, w_ref, u_ref = (next(it) for _ in range(5))
     h0_ref = next(it) if has_h0 else None
     o_ref = next(it) if store_o else None
@@ -240,30 +401,49 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
     hs_ref = next(it) if store_states else None
     K = q_ref.shape[-1]
     BV = u_ref.shape[-1]
-    S = h0_ref[...].astype(F32) if has_h0 else jnp.zeros((K, BV), F32)
+    if varlen:   # the first chunk is always a sequence's first chunk: it loads the state
+        S = jnp.zeros((K, BV), F32)
+        if store_ht:
+            _fill_empty(empty_ref, h0_ref, ht_ref, N, (K, BV))
+    else:
+        S = h0_ref[...].astype(F32) if has_h0 else jnp.zeros((K, BV), F32)
     i, j = _iota(C, C, 0), _iota(C, C, 1)
     causal = i >= j
 
     cast = (lambda x: x.astype(lp)) if lp is not None else (lambda x: x)
 
-    def body(c, S):
-        t0 = c * C
+    def body(c, S, row=None):
+        if varlen:
+            t0, T_ = row[TAB_T0], row[TAB_END]
+            seq, first, last = _seq_flags(row)
+            if not has_h0:
+                S = jnp.where(first, 0.0, S)
+            elif store_o:
+                S = _load_state_if(h0_ref, seq, first, S)
+            else:
+                # ptxas (sm_90a, K = V = 128, bf16): the in-place load costs the state-only
+                # pass 31 registers and 12 KiB of layout-conversion smem (157 vs 126, 1 vs 2
+                # blocks/SM); a zero-filled load and a select do not. The output pass is the
+                # other way round (80 vs 92 B spills).
+                S = jnp.where(first, _load_state_if(h0_ref, seq, first, 0.0), S)
+        else:
+            t0, T_ = c * C, T
         if store_states:
             hs_ref[c] = S
-        g = jnp.maximum(_rows(g_ref, t0, C, T).astype(F32), G_MIN)
+        g = jnp.maximum(_rows(g_ref, t0, C, T_).astype(F32), G_MIN)
         G = jnp.cumsum(g)
         Gl = _last(G)
-        k = _rows(k_ref, t0, C, T).astype(F32)
+        k = _rows(k_ref, t0, C, T_).astype(F32)
         if l2:
             k = _l2n(k)
         # 16-bit operands as soon as the float32 elementwise work is done (fewer live registers)
         Kd = cast(k * jnp.exp(Gl - G)[:, None])
         k = cast(k)
-        W = _rows(w_ref, t0, C, T)
-        U = _rows(u_ref, t0, C, T).astype(F32)
+        W = _rows(w_ref, t0, C, T_)
+        U = _rows(u_ref, t0, C, T_).astype(F32)
         Vn = U - _dot(W, S, lp=lp)
         if store_o:
-            q = _rows(q_ref, t0, C, T).astype(F32)
+            q = _rows(q_ref, t0, C, T_).astype(F32)
             if l2:
                 q = _l2n(q)
             q = q * scale
@@ -271,12 +451,18 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
             P = jnp.where(causal, _dot(cast(q), k, tb=True, lp=lp) *
                           jnp.exp(jnp.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
             o = _dot(qe, S, lp=lp) + _dot(P, Vn, lp=lp)
-            _store_rows(o_ref, t0, o, T)
-        return jnp.exp(Gl) * S + _dot(Kd, Vn, ta=True, lp=lp)
+            _store_rows(o_ref, t0, o, T_)
+        S = jnp.exp(Gl) * S + _dot(Kd, Vn, ta=True, lp=lp)
+        if varlen and store_ht:
+            _store_state_if(ht_ref, seq, S, last)
+        return S
 
-    S = jax.lax.fori_loop(0, NC, body, S)
-    if store_ht:
-        ht_ref[...] = S
+    if varlen:
+        _varlen_loop(ctab_ref, nused_ref[0], lambda c, row, S: body(c, S, row), S)
+    else:
+        S = jax.lax.fori_loop(0, NC, body, S)
+        if store_ht:
+            ht_ref[...] = S
 
 
 def _lp_dtype(dtype):
@@ -294,30 +480,58 @@ def _specs(B, T, Hk, Hv, K, V, group, bv=None):
     return qk, vh, kh, vb, gb
 
 
-def _prep_call(k, v, g, beta, *, Hv, l2, lp, interpret, num_warps=8):
+def _whole(x):
+    """BlockSpec of a small array read whole by every program (the chunk tables)."""
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def _table_args(tabs, chunk_only=False):
+    """(in_specs, args) of the chunk tables (none without cu_seqlens)."""
+    if tabs is None:
+        return [], []
+    xs = [tabs.ctab] if chunk_only else [tabs.ctab, tabs.nused, tabs.empty]
+    return [_whole(x) for x in xs], xs
+
+
+def _num_chunks(T, tabs):
+    return pl.cdiv(T, CHUNK) if tabs is None else tabs.num_chunks
+
+
+def _state_spec(tabs, K, bv):
+    """Initial / final state (or their gradients): [B, Hv, K, V], or [N, Hv, K, V] read whole
+    over N with cu_seqlens (a program picks its sequences' tiles by dynamic index)."""
+    if tabs is None:
+        return pl.BlockSpec((None, None, K, bv), lambda n, h, x: (n, h, 0, x))
+    return pl.BlockSpec((tabs.num_seqs, None, K, bv), lambda n, h, x: (0, h, 0, x))
+
+
+def _prep_call(k, v, g, beta, *, Hv, l2, lp, interpret, tabs=None, num_warps=8):
     B, T, Hk, K = k.shape
     V = v.shape[-1]
-    NC = pl.cdiv(T, CHUNK)
+    NC = _num_chunks(T, tabs)
     qk, vh, kh, _, gb = _specs(B, T, Hk, Hv, K, V, Hv // Hk)
     wdt = lp if lp is not None else F32
-    kern = functools.partial(_prep_kernel, T=T, C=CHUNK, l2=l2, lp=lp)
+    t_specs, t_args = _table_args(tabs, chunk_only=True)
+    kern = functools.partial(_prep_kernel, T=T, C=CHUNK, l2=l2, lp=lp, varlen=tabs is not None)
     return pl.pallas_call(
-        kern, grid=(B, Hv, NC), in_specs=[qk, vh, gb, gb], out_specs=[kh, vh],
+        kern, grid=(B, Hv, NC), in_specs=[*t_specs, qk, vh, gb, gb], out_specs=[kh, vh],
         out_shape=[jax.ShapeDtypeStruct((B, T, Hv, K), wdt), jax.ShapeDtypeStruct((B, T, Hv, V), wdt)],
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret, name=f"gdn_chunk_prep_k{K}_v{V}")(k, v, g, beta)
+        interpret=interpret, name=f"gdn_chunk_prep_k{K}_v{V}")(*t_args, k, v, g, beta)
 
 
 def _state_call(q, k, g, W, U, h0, *, Hv, scale, l2, lp, store_o, store_ht, store_states,
-                interpret, num_warps=8):
+                interpret, tabs=None, num_warps=8):
     B, T, Hk, K = q.shape
     V = U.shape[-1]
-    NC = pl.cdiv(T, CHUNK)
+    NC = _num_chunks(T, tabs)
+    NS = B if tabs is None else tabs.num_seqs
     bv = choose_block_v(B, Hv, V, K)
     qk, _, kh, vb, gb = _specs(B, T, Hk, Hv, K, V, Hv // Hk, bv)
-    s_spec = pl.BlockSpec((None, None, K, bv), lambda n, h, x: (n, h, 0, x))
-    in_specs = [qk, qk, gb, kh, vb]
-    args = [q, k, g, W, U]
+    s_spec = _state_spec(tabs, K, bv)
+    t_specs, t_args = _table_args(tabs)
+    in_specs = [*t_specs, qk, qk, gb, kh, vb]
+    args = [*t_args, q, k, g, W, U]
     if h0 is not None:
         in_specs.append(s_spec)
         args.append(h0)
@@ -327,13 +541,13 @@ def _state_call(q, k, g, W, U, h0, *, Hv, scale, l2, lp, store_o, store_ht, stor
         out_shape.append(jax.ShapeDtypeStruct((B, T, Hv, V), q.dtype))
     if store_ht:
         out_specs.append(s_spec)
-        out_shape.append(jax.ShapeDtypeStruct((B, Hv, K, V), F32))
+        out_shape.append(jax.ShapeDtypeStruct((NS, Hv, K, V), F32))
     if store_states:
         out_specs.append(pl.BlockSpec((None, None, NC, K, bv), lambda n, h, x: (n, h, 0, 0, x)))
         out_shape.append(jax.ShapeDtypeStruct((B, Hv, NC, K, V), F32))
     kern = functools.partial(_state_kernel, T=T, C=CHUNK, NC=NC, scale=float(scale), l2=l2, lp=lp,
                              has_h0=h0 is not None, store_o=store_o, store_ht=store_ht,
-                             store_states=store_states)
+                             store_states=store_states, varlen=tabs is not None, N=NS)
     name = f"gdn_chunk_{'fwd' if store_o else 'states'}_k{K}_v{V}_bv{bv}"
     return pl.pallas_call(
         kern, grid=(B, Hv, V // bv), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
@@ -341,22 +555,41 @@ def _state_call(q, k, g, W, U, h0, *, Hv, scale, l2, lp, store_o, store_ht, stor
         interpret=interpret, name=name)(*args)
 
 
+def _varlen_tables(q, cu_seqlens):
+    """None without cu_seqlens; else the chunk tables, after the value checks of a concrete
+    cu_seqlens (starts at 0, non-decreasing, ends at T: ValueError naming cu_seqlens). A traced
+    cu_seqlens is not checked; with bad values the results are undefined, but every load and
+    store stays inside the arrays (see `chunk_tables`)."""
+    if cu_seqlens is None:
+        return None
+    B, T = q.shape[:2]
+    check_varlen(B, T, cu_seqlens, None, 0, True)
+    return chunk_tables(cu_seqlens, T)
+
+
 def chunked_forward(q, k, v, g, beta, initial_state=None, *, scale: float,
                     use_qk_l2norm: bool = False, output_final_state: bool = True,
-                    interpret: bool = False):
-    """Chunked forward. Returns (o [B, T, Hv, V] in q.dtype, final_state [B, Hv, K, V] float32
-    or None)."""
-    reason = supports(q, k, v, g, beta, initial_state)
+                    interpret: bool = False, cu_seqlens=None):
+    """Chunked forward. Returns (o [B, T, Hv, V] in q.dtype, final_state [N, Hv, K, V] float32
+    or None), N = B.
+
+    cu_seqlens (int32 [N + 1], may be traced; B == 1): N packed sequences, each from its own
+    initial state (initial_state [N, Hv, K, V] or None: zeros); final_state [N, Hv, K, V], a
+    length-0 sequence's being its initial state. One compiled program per (T, N).
+    """
+    reason = supports(q, k, v, g, beta, initial_state, cu_seqlens=cu_seqlens)
     if reason is not None:
         raise ValueError(f"gdn_jax: the Pallas chunked kernels cannot serve this call: {reason}")
+    tabs = _varlen_tables(q, cu_seqlens)
     Hv = v.shape[2]
     lp = _lp_dtype(q.dtype)
     q, k, v, g, beta, initial_state = _platform.guard(
         q, k, v, g, beta, initial_state, what="chunked kernels", interpret=interpret)
-    W, U = _prep_call(k, v, g, beta, Hv=Hv, l2=use_qk_l2norm, lp=lp, interpret=interpret)
+    W, U = _prep_call(k, v, g, beta, Hv=Hv, l2=use_qk_l2norm, lp=lp, interpret=interpret,
+                      tabs=tabs)
     outs = _state_call(q, k, g, W, U, initial_state, Hv=Hv, scale=scale, l2=use_qk_l2norm, lp=lp,
                        store_o=True, store_ht=output_final_state, store_states=False,
-                       interpret=interpret)
+                       interpret=interpret, tabs=tabs)
     return outs[0], (outs[1] if output_final_state else None)
 
 
@@ -379,39 +612,72 @@ def _causal_decay(G):
     return jnp.where(causal, jnp.exp(jnp.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
 
 
-def _rev_kernel(*refs, T, C, NC, scale, l2, lp, has_dht):
+def _rev_kernel(*refs, T, C, NC, scale, l2, lp, has_dht, varlen=False, N=1):
+    """The reverse state pass of one (sequence, value head, V-block).
+
+    varlen: refs start with the chunk tables; walking the nused chunks backward, the state
+    gradient restarts from dht[n] (or zeros) at each sequence's last chunk, and after its first
+    chunk the gradient entering the sequence is stored as dh0[n] ([N, K, BV] blocks).
+    """
     it = iter(refs)
+    ctab_ref, nused_ref, empty_ref = (next(it) for _ in range(3)) if varlen else (None,) * 3
     q_ref, k_ref, g_ref, w_ref, do_ref = (next(it) for _ in range(5))
     dht_ref = next(it) if has_dht else None
     dhs_ref, dh0_ref = next(it), next(it)
     K = q_ref.shape[-1]
     BV = do_ref.shape[-1]
-    dH = dht_ref[...].astype(F32) if has_dht else jnp.zeros((K, BV), F32)
+    if varlen:   # the first chunk visited is always a sequence's last chunk: it loads dht
+        dH = jnp.zeros((K, BV), F32)
+        _fill_empty(empty_ref, dht_ref, dh0_ref, N, (K, BV))
+    else:
+        dH = dht_ref[...].astype(F32) if has_dht else jnp.zeros((K, BV), F32)
 
-    def body(cc, dH):
-        c = NC - 1 - cc
-        t0 = c * C
+    def body(c, dH, row=None):
+        if varlen:
+            t0, T_ = row[TAB_T0], row[TAB_END]
+            seq, first, last = _seq_flags(row)
+            dH = (_load_state_if(dht_ref, seq, last, dH) if has_dht
+                  else jnp.where(last, 0.0, dH))
+        else:
+            t0, T_ = c * C, T
         dhs_ref[c] = dH
-        q, k = _qk_chunk(q_ref, k_ref, t0, C, T, l2, scale)
-        g = jnp.maximum(_rows(g_ref, t0, C, T).astype(F32), G_MIN)
+        q, k = _qk_chunk(q_ref, k_ref, t0, C, T_, l2, scale)
+        g = jnp.maximum(_rows(g_ref, t0, C, T_).astype(F32), G_MIN)
         G = jnp.cumsum(g)
         Gl = _last(G)
-        W = _rows(w_ref, t0, C, T)
-        dO = _rows(do_ref, t0, C, T).astype(F32)
+        W = _rows(w_ref, t0, C, T_)
+        dO = _rows(do_ref, t0, C, T_).astype(F32)
         P = _dot(q, k, tb=True, lp=lp) * _causal_decay(G)
         Kd = k * jnp.exp(Gl - G)[:, None]
         dVn = _dot(P, dO, ta=True, lp=lp) + _dot(Kd, dH, lp=lp)
-        return (jnp.exp(Gl) * dH + _dot(q * jnp.exp(G)[:, None], dO, ta=True, lp=lp)
-                - _dot(W, dVn, ta=True, lp=lp))
+        dH = (jnp.exp(Gl) * dH + _dot(q * jnp.exp(G)[:, None], dO, ta=True, lp=lp)
+              - _dot(W, dVn, ta=True, lp=lp))
+        if varlen:
+            _store_state_if(dh0_ref, seq, dH, first)
+        return dH
 
-    dH = jax.lax.fori_loop(0, NC, body, dH)
-    dh0_ref[...] = dH
+    if varlen:
+        _varlen_loop(ctab_ref, nused_ref[0], lambda c, row, dH: body(c, dH, row), dH, reverse=True)
+    else:
+        dh0_ref[...] = jax.lax.fori_loop(0, NC, lambda cc, dH: body(NC - 1 - cc, dH), dH)
 
 
-def _grad_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, do_ref, hs_ref, dhs_ref,
-                 dq_ref, dk_ref, dv_ref, db_ref, dg_ref, *, T, C, scale, l2, lp):
-    c = pl.program_id(2)
-    t0 = c * C
+def _grad_kernel(*refs, T, C, scale, l2, lp, varlen=False):
+    """Gradients of one chunk and V-block. varlen: refs start with the chunk table; the chunk's
+    rows come from it and unused trailing chunks do nothing (their outputs are all masked)."""
+    ctab_ref = refs[0] if varlen else None
+    t0, end = _span(ctab_ref, pl.program_id(2), C, T)
+    kern = functools.partial(_grad_chunk, *(refs[1:] if varlen else refs), t0=t0, T=end, C=C,
+                             scale=scale, l2=l2, lp=lp)
+    if varlen:
+        pl.when(end > t0)(kern)
+    else:
+        kern()
+
+
+def _grad_chunk(q_ref, k_ref, v_ref, g_ref, b_ref, do_ref, hs_ref, dhs_ref,
+                dq_ref, dk_ref, dv_ref, db_ref, dg_ref, *, t0, T, C, scale, l2, lp):
+    """The chunk's backward; T is the exclusive end of its real rows (a packed-token index)."""
     last = jnp.minimum(C, T - t0) - 1          # the chunk's last real row
     q, k = _qk_chunk(q_ref, k_ref, t0, C, T, l2, scale)
     v = _rows(v_ref, t0, C, T).astype(F32)
@@ -475,24 +741,27 @@ def _grad_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, do_ref, hs_ref, dhs_ref,
     plt.store(dg_ref.at[pl.ds(t0, C)], dg.astype(dg_ref.dtype), mask=idx < T)
 
 
-def _rev_call(q, k, g, W, do, dht, *, Hv, scale, l2, lp, interpret, num_warps=8):
+def _rev_call(q, k, g, W, do, dht, *, Hv, scale, l2, lp, interpret, tabs=None, num_warps=8):
     B, T, Hk, K = q.shape
     V = do.shape[-1]
-    NC = pl.cdiv(T, CHUNK)
+    NC = _num_chunks(T, tabs)
+    NS = B if tabs is None else tabs.num_seqs
     bv = choose_block_v(B, Hv, V, K)
     qk, _, kh, vb, gb = _specs(B, T, Hk, Hv, K, V, Hv // Hk, bv)
-    s_spec = pl.BlockSpec((None, None, K, bv), lambda n, h, x: (n, h, 0, x))
-    in_specs = [qk, qk, gb, kh, vb]
-    args = [q, k, g, W, do]
+    s_spec = _state_spec(tabs, K, bv)
+    t_specs, t_args = _table_args(tabs)
+    in_specs = [*t_specs, qk, qk, gb, kh, vb]
+    args = [*t_args, q, k, g, W, do]
     if dht is not None:
         in_specs.append(s_spec)
         args.append(dht)
     kern = functools.partial(_rev_kernel, T=T, C=CHUNK, NC=NC, scale=float(scale), l2=l2, lp=lp,
-                             has_dht=dht is not None)
+                             has_dht=dht is not None, varlen=tabs is not None, N=NS)
     return pl.pallas_call(
         kern, grid=(B, Hv, V // bv), in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, NC, K, bv), lambda n, h, x: (n, h, 0, 0, x)), s_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, Hv, NC, K, V), F32), jax.ShapeDtypeStruct((B, Hv, K, V), F32)],
+        out_shape=[jax.ShapeDtypeStruct((B, Hv, NC, K, V), F32),
+                   jax.ShapeDtypeStruct((NS, Hv, K, V), F32)],
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret, name=f"gdn_chunk_bwd_state_k{K}_v{V}_bv{bv}")(*args)
 
@@ -504,11 +773,11 @@ def choose_grad_block_v(V: int, K: int) -> int:
     return min(V, 32 if K <= 128 else 16)
 
 
-def _grad_call(q, k, v, g, beta, do, hs, dhs, *, scale, l2, lp, interpret, num_warps=8):
+def _grad_call(q, k, v, g, beta, do, hs, dhs, *, scale, l2, lp, interpret, tabs=None, num_warps=8):
     """dq, dk, dbeta, dg as partial sums over the value blocks [NVB, ...]; dv whole."""
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
-    NC = pl.cdiv(T, CHUNK)
+    NC = _num_chunks(T, tabs)
     bv = choose_grad_block_v(V, K)
     nvb = V // bv
     group = Hv // Hk
@@ -518,9 +787,11 @@ def _grad_call(q, k, v, g, beta, do, hs, dhs, *, scale, l2, lp, interpret, num_w
     hs_spec = pl.BlockSpec((None, None, None, K, bv), lambda n, h, c, x: (n, h, c, 0, x))
     pk = pl.BlockSpec((None, None, T, None, K), lambda n, h, c, x: (x, n, 0, h, 0))
     pg = pl.BlockSpec((None, None, T, None), lambda n, h, c, x: (x, n, 0, h))
-    kern = functools.partial(_grad_kernel, T=T, C=CHUNK, scale=float(scale), l2=l2, lp=lp)
+    kern = functools.partial(_grad_kernel, T=T, C=CHUNK, scale=float(scale), l2=l2, lp=lp,
+                             varlen=tabs is not None)
+    t_specs, t_args = _table_args(tabs, chunk_only=True)
     return pl.pallas_call(
-        kern, grid=(B, Hv, NC, nvb), in_specs=[qk, qk, vb, gb, gb, vb, hs_spec, hs_spec],
+        kern, grid=(B, Hv, NC, nvb), in_specs=[*t_specs, qk, qk, vb, gb, gb, vb, hs_spec, hs_spec],
         out_specs=[pk, pk, vb, pg, pg],
         out_shape=[jax.ShapeDtypeStruct((nvb, B, T, Hv, K), F32),
                    jax.ShapeDtypeStruct((nvb, B, T, Hv, K), F32),
@@ -529,22 +800,30 @@ def _grad_call(q, k, v, g, beta, do, hs, dhs, *, scale, l2, lp, interpret, num_w
                    jax.ShapeDtypeStruct((nvb, B, T, Hv), F32)],
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret, name=f"gdn_chunk_bwd_grad_k{K}_v{V}_bv{bv}")(
-            q, k, v, g, beta, do, hs, dhs)
+            *t_args, q, k, v, g, beta, do, hs, dhs)
 
 
 def chunked_backward(q, k, v, g, beta, initial_state, do, dht, *, scale: float,
-                     use_qk_l2norm: bool = False, interpret: bool = False):
+                     use_qk_l2norm: bool = False, interpret: bool = False, cu_seqlens=None):
     """Gradients of `chunked_forward` (o, final_state) for cotangents do [B, T, Hv, V] and dht
-    [B, Hv, K, V] (None: zeros). Recomputes W, U and the per-chunk states from the inputs.
+    [N, Hv, K, V] (None: zeros). Recomputes W, U and the per-chunk states from the inputs.
 
     Returns (dq, dk, dv, dg, dbeta, dh0) in the dtypes and shapes of the inputs; dh0 is None
-    when initial_state is None.
+    when initial_state is None. cu_seqlens as in `chunked_forward` (N packed sequences;
+    dht and dh0 [N, Hv, K, V]; a length-0 sequence passes dht[n] through to dh0[n]).
     """
-    reason = supports(q, k, v, g, beta, initial_state)
+    reason = supports(q, k, v, g, beta, initial_state, cu_seqlens=cu_seqlens)
     if reason is not None:
         raise ValueError(f"gdn_jax: the Pallas chunked kernels cannot serve this call: {reason}")
     B, T, Hk, K = q.shape
-    Hv = v.shape[2]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    Hv, V = v.shape[2], v.shape[3]
+    if tuple(do.shape) != (B, T, Hv, V):
+        raise ValueError(f"do shape {tuple(do.shape)} is not the shape of o {(B, T, Hv, V)}")
+    if dht is not None and tuple(dht.shape) != (N, Hv, K, V):
+        raise ValueError(f"dht shape {tuple(dht.shape)} is not the shape of the final state "
+                         f"{(N, Hv, K, V)}")
+    tabs = _varlen_tables(q, cu_seqlens)
     lp = _lp_dtype(q.dtype)
     l2 = bool(use_qk_l2norm)
     q_in, k_in, g_in = q, k, g
@@ -552,12 +831,14 @@ def chunked_backward(q, k, v, g, beta, initial_state, do, dht, *, scale: float,
         q, k, v, g, beta, initial_state, do, dht, what="chunked kernels (backward)",
         interpret=interpret)
     do = do.astype(q.dtype)
-    W, U = _prep_call(k, v, g, beta, Hv=Hv, l2=l2, lp=lp, interpret=interpret)
+    W, U = _prep_call(k, v, g, beta, Hv=Hv, l2=l2, lp=lp, interpret=interpret, tabs=tabs)
     (hs,) = _state_call(q, k, g, W, U, initial_state, Hv=Hv, scale=scale, l2=l2, lp=lp,
-                        store_o=False, store_ht=False, store_states=True, interpret=interpret)
-    dhs, dh0 = _rev_call(q, k, g, W, do, dht, Hv=Hv, scale=scale, l2=l2, lp=lp, interpret=interpret)
+                        store_o=False, store_ht=False, store_states=True, interpret=interpret,
+                        tabs=tabs)
+    dhs, dh0 = _rev_call(q, k, g, W, do, dht, Hv=Hv, scale=scale, l2=l2, lp=lp, interpret=interpret,
+                         tabs=tabs)
     dq, dk, dv, dbeta, dg = _grad_call(q, k, v, g, beta, do, hs, dhs, scale=scale, l2=l2, lp=lp,
-                                       interpret=interpret)
+                                       interpret=interpret, tabs=tabs)
     grp = Hv // Hk
     dq = dq.sum(0).reshape(B, T, Hk, grp, K).sum(3)  # value blocks, then the head group
     dk = dk.sum(0).reshape(B, T, Hk, grp, K).sum(3)

@@ -175,8 +175,9 @@ def compile_h100(fn, *args, donate_argnums=()) -> tuple[list[dict], str]:
                 nthreads = 1
                 for t in threads.split(","):
                     nthreads *= int(t)
+                # ceil: tiny XLA fusions (e.g. the cu_seqlens tables) run fewer than 32 threads
                 r = {"name": name, "pallas": re.sub(r"__\d+$", "", name) in pallas_names,
-                     "grid": [int(g) for g in grid.split(",")], "num_warps": nthreads // 32,
+                     "grid": [int(g) for g in grid.split(",")], "num_warps": -(-nthreads // 32),
                      "dynamic_smem": int(smem), **info.get(name, {})}
                 r["smem"] = r["dynamic_smem"] + r.get("static_smem", 0)
                 if r.get("registers"):
@@ -201,19 +202,34 @@ def _recurrent_cases():
     S = jax.ShapeDtypeStruct
     f32 = jnp.float32
 
-    def case(dt, kda, layout, B=32, T=1, Hk=16, Hv=32, K=128, V=128, h0=True, ht=True):
+    def case(dt, kda, layout, B=32, T=1, Hk=16, Hv=32, K=128, V=128, h0=True, ht=True,
+             varlen=False, pool=0, ns=0):
+        """varlen: B sequences packed into one row of T tokens (cu_seqlens); pool: P slots
+        (state_indices [B]); ns: snapshots. Extra int32 inputs follow the state (arg 5)."""
         dt = jnp.dtype(dt)
-        st = (B, Hv, K, V) if layout == "kv" else (B, Hv, V, K)
+        N, B = B, (1 if varlen else B)
+        lead = pool or N
+        st = (lead, Hv, K, V) if layout == "kv" else (lead, Hv, V, K)
         args = [S((B, T, Hk, K), dt), S((B, T, Hk, K), dt), S((B, T, Hv, V), dt),
                 S((B, T, Hv, K) if kda else (B, T, Hv), f32), S((B, T, Hv), f32)]
         if h0:
             args.append(S(st, f32))
+        if varlen:
+            args.append(S((N + 1,), jnp.int32))
+        if pool:
+            args.append(S((N,), jnp.int32))
 
         def fn(*a):
+            a = list(a)
+            idx = a.pop() if pool else None
+            cu = a.pop() if varlen else None
             return recurrent.fused_recurrent(*a, scale=K ** -0.5, use_qk_l2norm=True,
-                                             output_final_state=ht, state_layout=layout)
-        label = (f"{'kda' if kda else 'gda'} {dt.name} {layout} B={B} T={T} Hv={Hv} K={K} V={V}"
-                 f"{' h0' if h0 else ''}{' ht' if ht else ''}")
+                                             output_final_state=ht, state_layout=layout,
+                                             cu_seqlens=cu, state_indices=idx, num_snapshots=ns)
+        extra = (f"{' varlen' if varlen else ''}{f' pool={pool}' if pool else ''}"
+                 f"{f' snap{ns}' if ns else ''}")
+        label = (f"{'kda' if kda else 'gda'} {dt.name} {layout}{extra} {'N' if varlen else 'B'}={N} "
+                 f"T={T} Hv={Hv} K={K} V={V}{' h0' if h0 and not pool else ''}{' ht' if ht else ''}")
         return label, fn, args
 
     cases = [case(dt, kda, layout) for dt in (f32, jnp.bfloat16) for kda in (False, True)
@@ -225,6 +241,11 @@ def _recurrent_cases():
               case(f32, True, "vk", B=2, T=8, Hv=4, Hk=4, K=256, V=256),
               case(jnp.bfloat16, False, "kv", B=2, T=8, Hv=4, Hk=2, K=16, V=16),
               case(f32, True, "kv", B=2, T=8, Hv=8, Hk=2, K=64, V=256)]
+    # Issue 6: packed sequences + state pool (32 sequences, 128 tokens, 64 slots), snapshots
+    # (speculative decoding: the states after each of the last 4 tokens), and all of them at once.
+    cases += [case(jnp.bfloat16, False, "kv", T=128, varlen=True, pool=64),
+              case(jnp.bfloat16, True, "vk", T=8, ns=4),
+              case(jnp.bfloat16, True, "kv", T=128, varlen=True, pool=64, ns=4)]
     return cases
 
 
@@ -250,8 +271,21 @@ def _chunked_cases():
         return chunked.chunked_backward(*a, scale=K ** -0.5, use_qk_l2norm=True)
 
     label = f"chunked {{}} bfloat16 B={B} T={T} Hk={Hk} Hv={Hv} K={K} V={V}"
+    # packed sequences: N = 8 sequences in the same T tokens, cu_seqlens traced
+    N = 8
+    vargs = [S((N + 1,), jnp.int32), *args[:5], S((N, Hv, K, V), f32)]
+
+    def vfwd(cu, *a):
+        return chunked.chunked_forward(*a, scale=K ** -0.5, use_qk_l2norm=True, cu_seqlens=cu)
+
+    def vbwd(cu, *a):
+        return chunked.chunked_backward(*a, scale=K ** -0.5, use_qk_l2norm=True, cu_seqlens=cu)
+
     return [(label.format("fwd"), fwd, args),
-            (label.format("bwd"), bwd, args + [S((B, T, Hv, V), bf16), S((B, Hv, K, V), f32)])]
+            (label.format("bwd"), bwd, args + [S((B, T, Hv, V), bf16), S((B, Hv, K, V), f32)]),
+            (label.format("varlen-fwd") + f" N={N}", vfwd, vargs),
+            (label.format("varlen-bwd") + f" N={N}", vbwd,
+             vargs + [S((B, T, Hv, V), bf16), S((N, Hv, K, V), f32)])]
 
 
 def main() -> int:
@@ -262,7 +296,8 @@ def main() -> int:
     results = []
     for label, fn, args in _recurrent_cases():
         try:
-            donate = (5,) if len(args) == 6 else ()  # donated state: in-place update
+            # donated state or pool: in-place update
+            donate = (5,) if (" h0" in label or " pool=" in label) else ()
             ks, hlo = compile_h100(fn, *args, donate_argnums=donate)
             aliased = bool(re.search(r"input_output_alias=\{[^\n]*\(5,", hlo))
             results.append({"case": label, "kernels": [k for k in ks if k["pallas"]],

@@ -129,6 +129,38 @@ def test_donated_state_is_updated_in_place(compile_report):
             assert case["copies"] == 0 and len(case["all_kernels"]) == 1, case
 
 
+def test_varlen_pool_and_snapshot_kernels(compile_report):
+    """Issue 6 variants at K = V = 128, bf16: packed sequences + state pool, snapshots, and both.
+    One kernel, sm_90a, no spills; a donated pool is the kernel's output (aliased, no copy)."""
+    cases = [c for c in _recurrent(compile_report) if " varlen" in c["case"] or " snap" in c["case"]]
+    assert len(cases) == 3, [c["case"] for c in cases]
+    for case in cases:
+        assert "error" not in case, f"{case['case']}: {case.get('error')}"
+        (k,) = case["kernels"]
+        assert k["arch"] == "sm_90a" and k["spill_stores"] == 0 and k["spill_loads"] == 0, (case, k)
+        assert k.get("stack_frame", 0) == 0 and k["smem"] <= gpu_compile.H100_SMEM_PER_BLOCK, k
+        assert k["grid"][:2] == [32, 32], k  # (N, Hv, V // BV): one program row per sequence
+        assert case["state_aliased"] and case["copies"] == 0, case
+        assert len(case["all_kernels"]) == 1, case
+
+
+def test_varlen_token_loop_is_a_for_loop():
+    """With traced cu_seqlens / state_indices the token loops have traced bounds; the Triton
+    lowering pattern-matches them to scf.for (no scf.while), and the pool load is masked."""
+    B, T, N, P, Hk, Hv, K, V = 1, 16, 4, 8, 1, 2, 128, 128
+    bf = jnp.bfloat16
+    args = (S((B, T, Hk, K), bf), S((B, T, Hk, K), bf), S((B, T, Hv, V), bf),
+            S((B, T, Hv, K), jnp.float32), S((B, T, Hv), jnp.float32), S((P, Hv, K, V), jnp.float32),
+            S((N + 1,), jnp.int32), S((N,), jnp.int32))
+    (k,) = gpu_compile.triton_kernels(
+        lambda *a: recurrent.fused_recurrent(*a[:6], scale=0.1, cu_seqlens=a[6], state_indices=a[7],
+                                             num_snapshots=2), *args)
+    ir = k["ir"]
+    assert "scf.while" not in ir
+    assert ir.count("scf.for") == 3  # snapshot init, tokens, padding rows
+    assert re.search(r"tt\.load %\w+, %\w+, %\w+ : tensor<128x\d+x!tt\.ptr<f32>>", ir)  # masked
+
+
 # ---- chunked kernels (kernels/chunked.py) ----------------------------------------------
 # Spill bytes per thread (ptxas, sm_90a) at the prefill shape, written down in kernels/README.md.
 # The forward state kernel spills a little (8 warps, BV = 32: the [64, 128] q/k/W chunk
@@ -158,6 +190,24 @@ def test_chunked_compiles_for_sm90a(compile_report, which, n):
         assert k.get("spill_stores", 0) <= bound, (k["name"], k.get("spill_stores"), bound)
 
 
+@pytest.mark.parametrize("which,n", [("varlen-fwd", 2), ("varlen-bwd", 4)])
+def test_chunked_varlen_compiles_for_sm90a(compile_report, which, n):
+    """Packed sequences (N = 8, cu_seqlens traced) at the prefill shape: the same kernels with
+    the chunk tables; the same spill bounds as without cu_seqlens, and the state-only pass
+    (gdn_chunk_states) still spill-free. The tables are a few small XLA fusions, no loop."""
+    case = _chunked(compile_report, which)
+    assert len(case["kernels"]) == n, case
+    for k in case["kernels"]:
+        assert k["arch"] == "sm_90a" and k["registers"] > 0, k
+        assert k["smem"] <= gpu_compile.H100_SMEM_PER_BLOCK, k
+        bound = next(v for p, v in sorted(CHUNKED_SPILL_BOUND.items(), key=lambda x: -len(x[0]))
+                     if k["name"].startswith(p))
+        assert k.get("spill_stores", 0) <= bound, (k["name"], k.get("spill_stores"), bound)
+    others = [name for name in case["all_kernels"]
+              if not any(name.startswith(p) for p in CHUNKED_SPILL_BOUND)]
+    assert len(others) <= (3 if which == "varlen-fwd" else 12), others
+
+
 def test_chunked_float32_kernels_are_full_precision():
     """Every float32 dot of the float32 chunked kernels (forward and backward) is IEEE, no TF32."""
     from gdn_jax.kernels import chunked
@@ -170,5 +220,14 @@ def test_chunked_float32_kernels_are_full_precision():
     bwd = gpu_compile.triton_kernels(lambda *a: chunked.chunked_backward(*a, scale=0.1),
                                      *args, S((B, T, Hv, V), f32), S((B, Hv, K, V), f32))
     assert len(fwd) == 2 and len(bwd) == 4
-    for k in fwd + bwd:
+    # packed sequences (cu_seqlens, 3 sequences): the same dots plus the chunk tables
+    cu = S((4,), jnp.int32)
+    vargs = args[:5] + [S((3, Hv, K, V), f32)]
+    vfwd = gpu_compile.triton_kernels(
+        lambda cu, *a: chunked.chunked_forward(*a, scale=0.1, cu_seqlens=cu), cu, *vargs)
+    vbwd = gpu_compile.triton_kernels(
+        lambda cu, *a: chunked.chunked_backward(*a, scale=0.1, cu_seqlens=cu), cu, *vargs,
+        S((B, T, Hv, V), f32), S((3, Hv, K, V), f32))
+    assert len(vfwd) == 2 and len(vbwd) == 4
+    for k in fwd + bwd + vfwd + vbwd:
         assert "tt.dot" in k["ir"] and not tf32_dots(k["ir"]) and "tf32" not in k["ir"], k["name"]

@@ -9,6 +9,8 @@ is exactly a separate call). Pallas kernels run in interpret mode; those tests a
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,17 +54,23 @@ def _op(impl, backend, **kw):
     return f
 
 
-def _pad_batch(args, lens, L):
+@functools.lru_cache(maxsize=None)
+def _packed_vjp(impl, backend):
+    """One jitted program per path: outputs and all gradients of the packed call."""
+    f = _op(impl, backend)
+
+    def run(args, h0, cu, do, dht):
+        out, vjp = jax.vjp(lambda *a: f(*a, cu), *args, h0)
+        return out, vjp((do, dht))
+    return jax.jit(run)
+
+
+def _pad_batch(x, lens, L):
     """Packed [1, T, ...] -> batched [N, L, ...], each sequence right-aligned (front padding)."""
     cu = np.concatenate([[0], np.cumsum(lens)])
-    out = []
-    for x in args:
-        rows = []
-        for n, ln in enumerate(lens):
-            seg = x[0, cu[n]:cu[n + 1]]
-            rows.append(jnp.concatenate([jnp.zeros((L - ln,) + seg.shape[1:], x.dtype), seg]))
-        out.append(jnp.stack(rows))
-    return tuple(out)
+    rows = [jnp.concatenate([jnp.zeros((L - ln,) + x.shape[2:], x.dtype), x[0, cu[n]:cu[n + 1]]])
+            for n, ln in enumerate(lens)]
+    return jnp.stack(rows)
 
 
 def _unpad(y, lens, L):
@@ -70,40 +78,41 @@ def _unpad(y, lens, L):
     return jnp.concatenate([y[n, L - ln:] for n, ln in enumerate(lens)])[None]
 
 
-def _padded_reference_vjp(args, h0, lens, cotangents):
-    """Outputs and gradients of separate per-sequence reference calls (batched, front padded)."""
-    L = max(max(lens), 1)
-    padded = _pad_batch(args, lens, L)
-    do, dht = cotangents
-
+@jax.jit
+def _reference_vjp(padded, h0, do, dht):
     def f(q, k, v, g, beta, h0):
         return gated_delta_net(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                use_qk_l2norm_in_kernel=True, impl="reference")
+    out, vjp = jax.vjp(f, *padded, h0)
+    return out, vjp((do, dht))
 
-    (o, ht), vjp = jax.vjp(f, *padded, h0)
-    grads = vjp((_pad_batch((do,), lens, L)[0], dht))
+
+def _padded_reference_vjp(args, h0, lens, cotangents):
+    """Outputs and gradients of separate per-sequence reference calls (batched, front padded
+    to L = T, so one compiled program serves every split of T)."""
+    L = max(sum(lens), 1)
+    do, dht = cotangents
+    (o, ht), grads = _reference_vjp(tuple(_pad_batch(x, lens, L) for x in args), h0,
+                                    _pad_batch(do, lens, L), dht)
     return (_unpad(o, lens, L), ht), tuple(_unpad(gr, lens, L) for gr in grads[:5]) + (grads[5],)
 
 
-def _check_against_separate(impl, backend, lens, *, kda, seed=0, gmin=-2.0, fn=None):
+def _check_against_separate(impl, backend, lens, *, kda, seed=0, gmin=-2.0):
     T, N = sum(lens), len(lens)
     args, h0 = _inputs(T, N, kda=kda, seed=seed, gmin=gmin)
     cu = _cu(lens)
-    f = fn or _op(impl, backend)
     if backend == "pallas":
-        assert "pallas_call" in str(jax.make_jaxpr(f)(*args, h0, cu))
+        assert "pallas_call" in str(jax.make_jaxpr(_op(impl, backend))(*args, h0, cu))
     rng = np.random.default_rng(seed + 7)
     do = jnp.asarray(rng.standard_normal((1, T) + args[2].shape[2:]), F32)
     dht = jnp.asarray(rng.standard_normal(h0.shape), F32)
-    (o, ht), vjp = jax.vjp(lambda *a: jax.jit(f)(*a, cu), *args, h0)
-    grads = vjp((do, dht))
+    (o, ht), grads = _packed_vjp(impl, backend)(args, h0, cu, do, dht)
     (o_ref, ht_ref), grads_ref = _padded_reference_vjp(args, h0, lens, (do, dht))
     tol = TOL[impl]
     assert rel_err(o, o_ref) < tol
     assert rel_err(ht, ht_ref) < tol
     for name, gr, gr_ref in zip(("q", "k", "v", "g", "beta", "h0"), grads, grads_ref):
         assert rel_err(gr, gr_ref) < tol, name
-    return o, ht
 
 
 def test_padded_reference_equals_numpy_per_sequence():
@@ -122,8 +131,7 @@ def test_padded_reference_equals_numpy_per_sequence():
 
 
 @pytest.mark.parametrize("impl,backend,kda", [
-    ("reference", "xla", True), ("recurrent", "xla", False), ("recurrent", "xla", True),
-    ("chunked", "xla", False), ("chunked", "xla", True),
+    ("recurrent", "xla", True), ("chunked", "xla", False), ("chunked", "xla", True),
     ("recurrent", "pallas", True), ("chunked", "pallas", False)])
 def test_packed_equals_separate_calls(impl, backend, kda):
     # lengths 0, 1, short, longer than a chunk; a boundary falls inside chunks
@@ -135,13 +143,16 @@ def test_strong_decay_packed_chunked():
 
 
 @pytest.mark.parametrize("impl,backend", PATHS)
-@given(cuts=st.lists(st.integers(0, 48), min_size=3, max_size=3), kda=st.booleans(),
+@given(cuts=st.lists(st.integers(0, 80), min_size=3, max_size=3), kda=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_random_packings_equal_separate_calls(impl, backend, cuts, kda, seed):
-    """Random splits of T = 48 tokens into 4 sequences (lengths 0..48): one compiled program
-    per path serves every split, since cu_seqlens is traced."""
+    """Random splits of T = 80 tokens into 4 sequences (lengths 0..80, so some span two
+    chunks and some none): one compiled program per path and mode serves every split, since
+    cu_seqlens is traced."""
     c = sorted(cuts)
-    lens = [c[0], c[1] - c[0], c[2] - c[1], 48 - c[2]]
+    lens = [c[0], c[1] - c[0], c[2] - c[1], 80 - c[2]]
+    if (impl, backend) == ("chunked", "pallas"):
+        kda = False  # the Pallas chunked kernels decline KDA (issue 4); auto falls back to XLA
     _check_against_separate(impl, backend, lens, kda=kda, seed=seed)
 
 
