@@ -143,7 +143,7 @@ def sharded_gated_delta_net(q, k, v, g, beta, *, mesh: Mesh, batch_axis: str | N
     """
     dims = check_inputs(q, k, v, g, beta, initial_state, scale=scale, impl=impl,
                         backend=backend, state_layout=state_layout)
-    B, T, Hk, Hv, K, V, kda = dims
+    B, T, Hk, Hv, K, V, kda, _ = dims
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     named = {"batch_axis": batch_axis, "head_axis": head_axis, "seq_axis": seq_axis}
