@@ -11,6 +11,9 @@ Sections:
            64 MiB state (the floor: the state must be read and written once).
   sweep    time against T (B=1, Hv=32, K=V=128) for reference, recurrent and chunked: the break-even
            T that `impl="auto"` uses; saves a PNG plot when matplotlib is installed.
+  packed   16 sequences of mixed lengths (8192 tokens) packed with cu_seqlens against the same
+           sequences padded to the longest (B=16), XLA chunked, forward and forward+backward; plus
+           the Pallas kernels on a small packed case in interpret mode (numerics only).
   pallas   the Pallas kernels in interpret mode at a moderate size (a few MiB of state): numerics
            against the reference and interpret-mode time (not a GPU time: no GPU here).
 """
@@ -165,10 +168,89 @@ def pallas(reps: int):
     print(table(rows, ["mode", "path", "ms", "o rel err", "state rel err"]))
 
 
+PACKED_LENGTHS = [1536, 1024, 900, 800, 700, 600, 500, 450, 400, 350, 300, 200, 150, 100, 50, 132]
+
+
+def packed(reps: int, modes=("GDA", "KDA")):
+    """Packed (cu_seqlens) against padded-to-the-longest, same sequences, same answers."""
+    lens = PACKED_LENGTHS
+    T, N, L = sum(lens), len(lens), max(lens)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    rows = []
+
+    def packed_fn(q, k, v, g, beta, h0, cu):
+        return gated_delta_net(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu,
+                               output_final_state=True, use_qk_l2norm_in_kernel=True,
+                               impl="chunked", backend="xla")
+
+    def padded_fn(q, k, v, g, beta, h0):
+        return gated_delta_net(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                               use_qk_l2norm_in_kernel=True, impl="chunked", backend="xla")
+
+    def pad(x):  # [1, T, ...] -> [N, L, ...], padded at the front with identity tokens (zeros)
+        return jnp.stack([jnp.pad(x[0, starts[n]:starts[n + 1]],
+                                  [(L - lens[n], 0)] + [(0, 0)] * (x.ndim - 2)) for n in range(N)])
+
+    jobs = [m for m in ("GDA", "KDA") if m in modes]
+    with Progress(4 * len(jobs)) as p:
+        for mode in jobs:
+            shape = Shape(1, T, 16, 32, 128, 128, mode == "KDA")
+            args, _ = make_inputs(shape)
+            h0 = jnp.asarray(np.random.default_rng(1).standard_normal((N, 32, 128, 128)) * 0.1, jnp.float32)
+            padded_args = tuple(pad(x) for x in args)
+            f_packed = jax.jit(packed_fn)
+            f_padded = jax.jit(padded_fn)
+            t_packed = time_jitted(f_packed, *args, h0, cu, reps=reps)
+            p.step(f"{mode} packed fwd")
+            t_padded = time_jitted(f_padded, *padded_args, h0, reps=reps)
+            p.step(f"{mode} padded fwd")
+
+            def grads(fn):
+                def loss(*a):
+                    o, s = fn(*a)
+                    return jnp.sum(o * jnp.cos(o)) + jnp.sum(s * 0.01)
+                return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))
+            tb_packed = time_jitted(grads(packed_fn), *args, h0, cu, reps=max(2, reps // 2))
+            p.step(f"{mode} packed fwd+bwd")
+            tb_padded = time_jitted(grads(padded_fn), *padded_args, h0, reps=max(2, reps // 2))
+            p.step(f"{mode} padded fwd+bwd")
+            o1, s1 = f_packed(*args, h0, cu)
+            o2, s2 = f_padded(*padded_args, h0)
+            o2 = jnp.concatenate([o2[n, L - lens[n]:] for n in range(N)])[None]
+            diff = max(float(jnp.linalg.norm(o1 - o2) / jnp.linalg.norm(o2)),
+                       float(jnp.linalg.norm(s1 - s2) / jnp.linalg.norm(s2)))
+            rows.append([mode, f"packed (T={T}, N={N})", t_packed.median_ms, tb_packed.median_ms,
+                         t_packed.compile_s, "1.00x", f"{diff:.1e}"])
+            rows.append([mode, f"padded (B={N}, T={L})", t_padded.median_ms, tb_padded.median_ms,
+                         t_padded.compile_s, f"{t_padded.median_ms / t_packed.median_ms:.2f}x", "-"])
+    print(f"\nPacked against padded: {N} sequences, lengths {lens} ({T} tokens; padded: {N * L}), "
+          "Hk=16, Hv=32, K=V=128, float32, XLA chunked; ratio = padded fwd / packed fwd")
+    print(table(rows, ["mode", "layout", "fwd ms", "fwd+bwd ms", "fwd compile s", "padded/packed",
+                       "rel diff"]))
+    # The Pallas kernels on a small packed case, interpret mode: numerics only (no GPU here).
+    small = [0, 5, 70, 1, 37]
+    cu_s = jnp.asarray(np.concatenate([[0], np.cumsum(small)]), jnp.int32)
+    rows = []
+    for impl in ("recurrent", "chunked"):
+        shape = Shape(1, sum(small), 1, 2, 32, 32, False)
+        args, _ = make_inputs(shape)
+        h0 = jnp.zeros((len(small), 2, 32, 32), jnp.float32)
+        outs = {}
+        for backend in ("xla", "pallas"):
+            outs[backend] = gated_delta_net(*args, initial_state=h0, cu_seqlens=cu_s,
+                                            output_final_state=True, impl=impl, backend=backend,
+                                            interpret=backend == "pallas")
+        err = float(jnp.linalg.norm(outs["pallas"][0] - outs["xla"][0]) / jnp.linalg.norm(outs["xla"][0]))
+        rows.append([f"{impl} (pallas, interpret)", f"{err:.1e}"])
+    print(f"\nPallas kernels, packed lengths {small}, interpret mode vs XLA (numerics only)")
+    print(table(rows, ["path", "o rel err"]))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", nargs="+", default=["prefill", "decode", "sweep", "pallas"],
-                    choices=["prefill", "decode", "sweep", "pallas"])
+    ap.add_argument("--sections", nargs="+", default=["prefill", "decode", "sweep", "packed", "pallas"],
+                    choices=["prefill", "decode", "sweep", "packed", "pallas"])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and a shorter sweep")
     ap.add_argument("--modes", nargs="+", default=["GDA", "KDA"], choices=["GDA", "KDA"],
                     help="gate modes for the prefill and decode sections")
@@ -183,6 +265,8 @@ def main(argv=None):
             decode(reps, args.modes)
         elif section == "sweep":
             sweep(reps, args.quick, args.plot or None)
+        elif section == "packed":
+            packed(reps, args.modes)
         elif section == "pallas":
             pallas(reps)
     return 0
