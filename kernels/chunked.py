@@ -1,6 +1,11 @@
 """Chunked gated delta rule (SPEC section 5) as Pallas Triton kernels: forward and backward.
 
-GDA (scalar gate per head) only for now; KDA is declined by `supports` (see kernels/README.md).
+GDA (scalar gate per head) and KDA (per-key-channel gates g [B, T, Hv, K], K <= 128): the same
+kernels with a static `kda` flag. KDA's cumulative gates are [C, K] per chunk; its pairwise terms
+(A and the causal P) follow the 16-token sub-block rule of SPEC section 5 (`_kda_pairs`, section
+below), the prep kernel also writes P, which the state passes read instead of computing q k^T,
+and in the backward also A / beta, which the gradient kernel reads (it computes only the
+pairwise cotangents); its gate gradient dg is [.., K] (`_grad_chunk_kda`). See kernels/README.md.
 
 Chunk size C = 64, 16-token sub-blocks for the unit lower triangular inverse. Every kernel
 reads whole-T blocks of its (sequence, head) and loads one chunk at a time with masked loads
@@ -62,6 +67,7 @@ __all__ = ["supports", "chunked_forward", "chunked_backward", "CHUNK", "choose_b
 CHUNK = 64
 SUB = 16
 HEAD_SIZES = (16, 32, 64, 128, 256)
+KDA_HEAD_SIZES = (16, 32, 64, 128)   # K with per-key gates (see kernels/README.md)
 HIGHEST = jax.lax.Precision.HIGHEST
 F32 = jnp.float32
 
@@ -99,9 +105,11 @@ def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv", 
         if jnp.dtype(x.dtype) not in (jnp.dtype(F32), dt):
             return f"{name} dtype {x.dtype} is neither float32 nor q's dtype {dt}"
     if tuple(g.shape) == (B, T, Hv, K):
-        return "KDA (per-key gates g [B, T, Hv, K]) is not implemented in the Pallas chunked kernels yet"
-    if tuple(g.shape) != (B, T, Hv):
-        return f"g shape {tuple(g.shape)} is not [B, T, Hv]"
+        if K not in KDA_HEAD_SIZES:
+            return (f"KDA (per-key gates) with head size K={K} is not supported by the Pallas "
+                    f"chunked kernels (needs one of {KDA_HEAD_SIZES})")
+    elif tuple(g.shape) != (B, T, Hv):
+        return f"g shape {tuple(g.shape)} is neither [B, T, Hv] (GDA) nor [B, T, Hv, K] (KDA)"
     if tuple(beta.shape) != (B, T, Hv):
         return f"beta shape {tuple(beta.shape)} is not [B, T, Hv]"
     N, n_name = B, "B"
@@ -238,6 +246,127 @@ def _chunk_A(k, beta, G, lp):
 
 
 # ----------------------------------------------------------------------------------------
+# KDA (per-key-channel gates, G [C, K]): pairwise terms by the sub-block rule (SPEC section 5)
+# ----------------------------------------------------------------------------------------
+#
+# T_ij = sum_d x_id k_jd exp(G_id - G_jd) for i > j (x = k: A / beta; x = q: the causal P).
+# Sub-blocks of SUB = 16 rows. Off-diagonal sub-blocks (row block a > column block b): one dot
+# per row block a of (x * exp(G - G_r)) restricted to block a with (k * exp(G_r - G)) restricted
+# to rows <= r, r = a * SUB - 1 the boundary row; both factors <= 1 for g <= 0. Diagonal
+# sub-blocks exactly: one column offset jj at a time (all four sub-blocks at once), the factor
+# exp(G_i - G_j) computed only where i > j (the argument is masked before exp). The backward
+# uses the same split; its gate gradient is dG = x * dx - k * dk (G_r cancels exactly, so it is
+# held constant: nothing is differentiated through the boundary row).
+
+def _kda_gates(g_ref, b_ref, t0, C, T):
+    """beta [C]; G = in-chunk cumsum of the clamped gates [C, K]; Gl = G's last row [K]."""
+    g = jnp.maximum(_rows(g_ref, t0, C, T).astype(F32), G_MIN)
+    beta = _rows(b_ref, t0, C, T).astype(F32)
+    G = jnp.cumsum(g, axis=0)
+    return beta, G, _row(G, C - 1)
+
+
+def _row(x, r):
+    """Row r (static or traced) of x [n, m] as [m], exactly (a masked sum of one row)."""
+    return jnp.sum(jnp.where(_iota(*x.shape, 0) == r, x, 0.0), axis=0)
+
+
+def _src_rows(x, jj):
+    """[C, K]: row SUB * (i // SUB) + jj of x on every row i (its sub-block's column source)."""
+    C, K = x.shape
+    row = _iota(C, K, 0)
+    out = jnp.zeros_like(x)
+    for a in range(C // SUB):
+        out = jnp.where(row // SUB == a, _row(x, a * SUB + jj)[None, :], out)
+    return out
+
+
+def _to_src_rows(z, jj):
+    """[C, K]: the sum of z's rows of sub-block a on row SUB * a + jj, zeros elsewhere."""
+    C, K = z.shape
+    row = _iota(C, K, 0)
+    out = jnp.zeros_like(z)
+    for a in range(C // SUB):
+        za = jnp.sum(jnp.where(row // SUB == a, z, 0.0), axis=0)
+        out = jnp.where(row == a * SUB + jj, za[None, :], out)
+    return out
+
+
+def _diag_decay(G, GS, jj):
+    """exp(G_i - G_src(i)) on the rows below their sub-block's column source jj, else 0."""
+    below = (_iota(*G.shape, 0) % SUB) > jj
+    return jnp.where(below, jnp.exp(jnp.where(below, G - GS, 0.0)), 0.0)
+
+
+def _boundary(G, a):
+    """(L, R) of row block a (boundary r = a * SUB - 1): L = exp(G - G_r) on block a's rows,
+    R = exp(G_r - G) on rows <= r, zeros elsewhere; every exp argument is <= 0 for g <= 0."""
+    C, K = G.shape
+    row = _iota(C, K, 0)
+    r = a * SUB - 1
+    Gr = _row(G, r)[None, :]
+    ina = row // SUB == a
+    bef = row <= r
+    L = jnp.where(ina, jnp.exp(jnp.where(ina, G - Gr, 0.0)), 0.0)
+    R = jnp.where(bef, jnp.exp(jnp.where(bef, Gr - G, 0.0)), 0.0)
+    return L, R
+
+
+def _kda_pairs(xs, k, G, lp):
+    """[T_x for x in xs]: T_x,ij = sum_d x_id k_jd exp(G_id - G_jd) for i > j, else 0 ([C, C])."""
+    C = k.shape[0]
+    ii, cc = _iota(C, C, 0), _iota(C, C, 1)
+    outs = [jnp.zeros((C, C), F32) for _ in xs]
+    for a in range(1, C // SUB):
+        L, R = _boundary(G, a)
+        kR = k * R
+        outs = [o + _dot(x * L, kR, tb=True, lp=lp) for o, x in zip(outs, xs)]
+    src = (ii // SUB) * SUB
+
+    def body(jj, outs):
+        E = _diag_decay(G, _src_rows(G, jj), jj) * _src_rows(k, jj)
+        sel = (cc == src + jj) & (ii % SUB > jj)
+        return tuple(jnp.where(sel, jnp.sum(x * E, axis=1)[:, None], o) for o, x in zip(outs, xs))
+
+    return list(jax.lax.fori_loop(0, SUB, body, tuple(outs)))
+
+
+def _kda_pairs_bwd(Ms, xs, k, G, lps):
+    """Cotangents of `_kda_pairs`: for T_n = pairs(x_n, k) and dT_n = M_n (only the strictly
+    lower part is read), returns ([dx_n], dk) with dx_n,id = sum_j M_n,ij k_jd E_ijd and
+    dk_jd = sum_n sum_i M_n,ij x_n,id E_ijd. lps: the dot operand dtype per n."""
+    C, K = k.shape
+    ii, cc = _iota(C, C, 0), _iota(C, C, 1)
+    dxs = [jnp.zeros((C, K), F32) for _ in xs]
+    dk = jnp.zeros((C, K), F32)
+    for a in range(1, C // SUB):
+        L, R = _boundary(G, a)
+        kR = k * R
+        blk = (ii // SUB == a) & (cc <= a * SUB - 1)
+        for n, (M, x, lp) in enumerate(zip(Ms, xs, lps)):
+            Ma = jnp.where(blk, M, 0.0)
+            dxs[n] = dxs[n] + _dot(Ma, kR, lp=lp) * L
+            dk = dk + _dot(Ma, x * L, ta=True, lp=lp) * R
+    src = (ii // SUB) * SUB
+
+    def body(jj, carry):
+        dxs, dk = carry
+        E = _diag_decay(G, _src_rows(G, jj), jj)
+        kS = _src_rows(k, jj)
+        sel = (cc == src + jj) & (ii % SUB > jj)
+        z = jnp.zeros((C, K), F32)
+        new = []
+        for M, x, dx in zip(Ms, xs, dxs):
+            m = jnp.sum(jnp.where(sel, M, 0.0), axis=1)[:, None] * E    # M[i, src(i)] E_i
+            new.append(dx + m * kS)
+            z = z + m * x
+        return tuple(new), dk + _to_src_rows(z, jj)
+
+    dxs, dk = jax.lax.fori_loop(0, SUB, body, (tuple(dxs), dk))
+    return list(dxs), dk
+
+
+# ----------------------------------------------------------------------------------------
 # Packed sequences (cu_seqlens): per-chunk tables
 # ----------------------------------------------------------------------------------------
 #
@@ -360,9 +489,19 @@ def _fill_empty(empty_ref, src_ref, dst_ref, N, shape):
 # Forward kernels
 # ----------------------------------------------------------------------------------------
 
-def _prep_kernel(*refs, T, C, l2, lp, varlen):
+def _prep_kernel(*refs, T, C, l2, lp, varlen, kda=False, scale=1.0, store_a=False):
+    """GDA: W, U of one chunk. KDA: also P [C, C], the causal intra-chunk q k^T with per-key
+    decay (diagonal q_i . k_i: its decay factor is the constant 1), read by the state passes,
+    and with store_a (backward) A / beta = pairs(k, k) [C, C] float32, read by the gradient
+    kernel."""
     ctab_ref = refs[0] if varlen else None
-    k_ref, v_ref, g_ref, b_ref, w_ref, u_ref = refs[1:] if varlen else refs
+    refs = refs[1:] if varlen else refs
+    a_ref = refs[-1] if store_a else None
+    refs = refs[:-1] if store_a else refs
+    if kda:
+        q_ref, k_ref, v_ref, g_ref, b_ref, w_ref, u_ref, p_ref = refs
+    else:
+        k_ref, v_ref, g_ref, b_ref, w_ref, u_ref = refs
     t0, end = _span(ctab_ref, pl.program_id(2), C, T)
 
     def run():
@@ -370,10 +509,22 @@ def _prep_kernel(*refs, T, C, l2, lp, varlen):
         if l2:
             k = _l2n(k)
         v = _rows(v_ref, t0, C, end)
-        _, beta, G, _ = _gates(g_ref, b_ref, t0, C, end)
-        A, _, _ = _chunk_A(k, beta, G, lp)
+        if kda:
+            q, _ = _qk_chunk(q_ref, None, t0, C, end, l2, scale)
+            beta, G, _ = _kda_gates(g_ref, b_ref, t0, C, end)
+            Akk, Pqk = _kda_pairs([k, q], k, G, lp)
+            A = beta[:, None] * Akk
+            bK = beta[:, None] * jnp.exp(G) * k
+            ii, cc = _iota(C, C, 0), _iota(C, C, 1)
+            P = Pqk + jnp.where(ii == cc, jnp.sum(q * k, axis=1)[:, None], 0.0)
+            _store_rows(p_ref, t0, P, end)
+            if store_a:
+                _store_rows(a_ref, t0, Akk, end)
+        else:
+            _, beta, G, _ = _gates(g_ref, b_ref, t0, C, end)
+            A, _, _ = _chunk_A(k, beta, G, lp)
+            bK = (beta * jnp.exp(G))[:, None] * k
         Tm = _inv_unit_lower(A)
-        bK = (beta * jnp.exp(G))[:, None] * k
         bV = beta[:, None] * v.astype(F32)
         _store_rows(w_ref, t0, _dot(Tm, bK, lp=lp), end)
         _store_rows(u_ref, t0, _dot(Tm, bV, lp=lp), end)
@@ -385,7 +536,7 @@ def _prep_kernel(*refs, T, C, l2, lp, varlen):
 
 
 def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, store_states,
-                  varlen=False, N=1):
+                  varlen=False, N=1, kda=False):
     """The sequential forward pass of one (sequence, value head, V-block).
 
     varlen: refs start with the chunk tables; the loop runs over the nused aligned chunks, the
@@ -395,6 +546,7 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
     it = iter(refs)
     ctab_ref, nused_ref, empty_ref = (next(it) for _ in range(3)) if varlen else (None,) * 3
     q_ref, k_ref, g_ref, w_ref, u_ref = (next(it) for _ in range(5))
+    p_ref = next(it) if kda and store_o else None
     h0_ref = next(it) if has_h0 else None
     o_ref = next(it) if store_o else None
     ht_ref = next(it) if store_ht else None
@@ -431,13 +583,19 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
         if store_states:
             hs_ref[c] = S
         g = jnp.maximum(_rows(g_ref, t0, C, T_).astype(F32), G_MIN)
-        G = jnp.cumsum(g)
-        Gl = _last(G)
+        if kda:   # G [C, K], Gl [K]: per-key decays
+            G = jnp.cumsum(g, axis=0)
+            Gl = _row(G, C - 1)
+            dGl, eG, eGl = Gl[None, :] - G, jnp.exp(G), jnp.exp(Gl)[:, None]
+        else:
+            G = jnp.cumsum(g)
+            Gl = _last(G)
+            dGl, eG, eGl = (Gl - G)[:, None], jnp.exp(G)[:, None], jnp.exp(Gl)
         k = _rows(k_ref, t0, C, T_).astype(F32)
         if l2:
             k = _l2n(k)
         # 16-bit operands as soon as the float32 elementwise work is done (fewer live registers)
-        Kd = cast(k * jnp.exp(Gl - G)[:, None])
+        Kd = cast(k * jnp.exp(dGl))
         k = cast(k)
         W = _rows(w_ref, t0, C, T_)
         U = _rows(u_ref, t0, C, T_).astype(F32)
@@ -447,12 +605,15 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
             if l2:
                 q = _l2n(q)
             q = q * scale
-            qe = cast(q * jnp.exp(G)[:, None])
-            P = jnp.where(causal, _dot(cast(q), k, tb=True, lp=lp) *
-                          jnp.exp(jnp.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
+            qe = cast(q * eG)
+            if kda:   # the causal pairwise block from the prep kernel
+                P = _rows(p_ref, t0, C, T_)
+            else:
+                P = jnp.where(causal, _dot(cast(q), k, tb=True, lp=lp) *
+                              jnp.exp(jnp.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
             o = _dot(qe, S, lp=lp) + _dot(P, Vn, lp=lp)
             _store_rows(o_ref, t0, o, T_)
-        S = jnp.exp(Gl) * S + _dot(Kd, Vn, ta=True, lp=lp)
+        S = eGl * S + _dot(Kd, Vn, ta=True, lp=lp)
         if varlen and store_ht:
             _store_state_if(ht_ref, seq, S, last)
         return S
@@ -505,23 +666,55 @@ def _state_spec(tabs, K, bv):
     return pl.BlockSpec((tabs.num_seqs, None, K, bv), lambda n, h, x: (0, h, 0, x))
 
 
-def _prep_call(k, v, g, beta, *, Hv, l2, lp, interpret, tabs=None, num_warps=8):
+def _is_kda(g):
+    return g.ndim == 4
+
+
+def _gate_spec(g, T, K):
+    """g's BlockSpec for grids (n, h, x): [T] (GDA) or [T, K] (KDA) of value head h."""
+    if _is_kda(g):
+        return pl.BlockSpec((None, T, None, K), lambda n, h, *_: (n, 0, h, 0))
+    return pl.BlockSpec((None, T, None), lambda n, h, *_: (n, 0, h))
+
+
+def _prep_call(k, v, g, beta, *, Hv, l2, lp, interpret, tabs=None, num_warps=8, q=None,
+               scale=1.0, store_a=False):
+    """(W, U) for GDA; (W, U, P) for KDA (q needed then; P [B, T, Hv, C]), and with store_a
+    (W, U, P, A / beta) (A / beta [B, T, Hv, C] float32)."""
     B, T, Hk, K = k.shape
     V = v.shape[-1]
     NC = _num_chunks(T, tabs)
+    kda = _is_kda(g)
     qk, vh, kh, _, gb = _specs(B, T, Hk, Hv, K, V, Hv // Hk)
     wdt = lp if lp is not None else F32
     t_specs, t_args = _table_args(tabs, chunk_only=True)
-    kern = functools.partial(_prep_kernel, T=T, C=CHUNK, l2=l2, lp=lp, varlen=tabs is not None)
+    store_a = store_a and kda
+    kern = functools.partial(_prep_kernel, T=T, C=CHUNK, l2=l2, lp=lp, varlen=tabs is not None,
+                             kda=kda, scale=float(scale), store_a=store_a)
+    in_specs = [*t_specs, qk, vh, _gate_spec(g, T, K), gb]
+    args = [*t_args, k, v, g, beta]
+    out_specs = [kh, vh]
+    out_shape = [jax.ShapeDtypeStruct((B, T, Hv, K), wdt), jax.ShapeDtypeStruct((B, T, Hv, V), wdt)]
+    if kda:
+        in_specs.insert(len(t_specs), qk)
+        args.insert(len(t_args), q)
+        out_specs.append(pl.BlockSpec((None, T, None, CHUNK), lambda n, h, x: (n, 0, h, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((B, T, Hv, CHUNK), wdt))
+    if store_a:
+        out_specs.append(_p_spec(T))
+        out_shape.append(jax.ShapeDtypeStruct((B, T, Hv, CHUNK), F32))
     return pl.pallas_call(
-        kern, grid=(B, Hv, NC), in_specs=[*t_specs, qk, vh, gb, gb], out_specs=[kh, vh],
-        out_shape=[jax.ShapeDtypeStruct((B, T, Hv, K), wdt), jax.ShapeDtypeStruct((B, T, Hv, V), wdt)],
+        kern, grid=(B, Hv, NC), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret, name=f"gdn_chunk_prep_k{K}_v{V}")(*t_args, k, v, g, beta)
+        interpret=interpret, name=f"gdn_chunk_{'kda_' if kda else ''}prep_k{K}_v{V}")(*args)
+
+
+def _p_spec(T):
+    return pl.BlockSpec((None, T, None, CHUNK), lambda n, h, x: (n, 0, h, 0))
 
 
 def _state_call(q, k, g, W, U, h0, *, Hv, scale, l2, lp, store_o, store_ht, store_states,
-                interpret, tabs=None, num_warps=8):
+                interpret, tabs=None, num_warps=8, P=None):
     B, T, Hk, K = q.shape
     V = U.shape[-1]
     NC = _num_chunks(T, tabs)
@@ -530,8 +723,12 @@ def _state_call(q, k, g, W, U, h0, *, Hv, scale, l2, lp, store_o, store_ht, stor
     qk, _, kh, vb, gb = _specs(B, T, Hk, Hv, K, V, Hv // Hk, bv)
     s_spec = _state_spec(tabs, K, bv)
     t_specs, t_args = _table_args(tabs)
-    in_specs = [*t_specs, qk, qk, gb, kh, vb]
+    kda = _is_kda(g)
+    in_specs = [*t_specs, qk, qk, _gate_spec(g, T, K), kh, vb]
     args = [*t_args, q, k, g, W, U]
+    if kda and store_o:
+        in_specs.append(_p_spec(T))
+        args.append(P)
     if h0 is not None:
         in_specs.append(s_spec)
         args.append(h0)
@@ -547,8 +744,8 @@ def _state_call(q, k, g, W, U, h0, *, Hv, scale, l2, lp, store_o, store_ht, stor
         out_shape.append(jax.ShapeDtypeStruct((B, Hv, NC, K, V), F32))
     kern = functools.partial(_state_kernel, T=T, C=CHUNK, NC=NC, scale=float(scale), l2=l2, lp=lp,
                              has_h0=h0 is not None, store_o=store_o, store_ht=store_ht,
-                             store_states=store_states, varlen=tabs is not None, N=NS)
-    name = f"gdn_chunk_{'fwd' if store_o else 'states'}_k{K}_v{V}_bv{bv}"
+                             store_states=store_states, varlen=tabs is not None, N=NS, kda=kda)
+    name = f"gdn_chunk_{'kda_' if kda else ''}{'fwd' if store_o else 'states'}_k{K}_v{V}_bv{bv}"
     return pl.pallas_call(
         kern, grid=(B, Hv, V // bv), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
@@ -585,11 +782,11 @@ def chunked_forward(q, k, v, g, beta, initial_state=None, *, scale: float,
     lp = _lp_dtype(q.dtype)
     q, k, v, g, beta, initial_state = _platform.guard(
         q, k, v, g, beta, initial_state, what="chunked kernels", interpret=interpret)
-    W, U = _prep_call(k, v, g, beta, Hv=Hv, l2=use_qk_l2norm, lp=lp, interpret=interpret,
-                      tabs=tabs)
+    W, U, *P = _prep_call(k, v, g, beta, Hv=Hv, l2=use_qk_l2norm, lp=lp, interpret=interpret,
+                          tabs=tabs, q=q, scale=scale)
     outs = _state_call(q, k, g, W, U, initial_state, Hv=Hv, scale=scale, l2=use_qk_l2norm, lp=lp,
                        store_o=True, store_ht=output_final_state, store_states=False,
-                       interpret=interpret, tabs=tabs)
+                       interpret=interpret, tabs=tabs, P=P[0] if P else None)
     return outs[0], (outs[1] if output_final_state else None)
 
 
@@ -598,10 +795,12 @@ def chunked_forward(q, k, v, g, beta, initial_state=None, *, scale: float,
 # ----------------------------------------------------------------------------------------
 
 def _qk_chunk(q_ref, k_ref, t0, C, T, l2, scale):
+    """(scale * q, k) of one chunk, l2-normalised first when l2; k is None when k_ref is."""
     q = _rows(q_ref, t0, C, T).astype(F32)
-    k = _rows(k_ref, t0, C, T).astype(F32)
+    k = None if k_ref is None else _rows(k_ref, t0, C, T).astype(F32)
     if l2:
-        q, k = _l2n(q), _l2n(k)
+        q = _l2n(q)
+        k = None if k is None else _l2n(k)
     return q * scale, k
 
 
@@ -612,7 +811,7 @@ def _causal_decay(G):
     return jnp.where(causal, jnp.exp(jnp.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
 
 
-def _rev_kernel(*refs, T, C, NC, scale, l2, lp, has_dht, varlen=False, N=1):
+def _rev_kernel(*refs, T, C, NC, scale, l2, lp, has_dht, varlen=False, N=1, kda=False):
     """The reverse state pass of one (sequence, value head, V-block).
 
     varlen: refs start with the chunk tables; walking the nused chunks backward, the state
@@ -622,6 +821,7 @@ def _rev_kernel(*refs, T, C, NC, scale, l2, lp, has_dht, varlen=False, N=1):
     it = iter(refs)
     ctab_ref, nused_ref, empty_ref = (next(it) for _ in range(3)) if varlen else (None,) * 3
     q_ref, k_ref, g_ref, w_ref, do_ref = (next(it) for _ in range(5))
+    p_ref = next(it) if kda else None
     dht_ref = next(it) if has_dht else None
     dhs_ref, dh0_ref = next(it), next(it)
     K = q_ref.shape[-1]
@@ -643,15 +843,22 @@ def _rev_kernel(*refs, T, C, NC, scale, l2, lp, has_dht, varlen=False, N=1):
         dhs_ref[c] = dH
         q, k = _qk_chunk(q_ref, k_ref, t0, C, T_, l2, scale)
         g = jnp.maximum(_rows(g_ref, t0, C, T_).astype(F32), G_MIN)
-        G = jnp.cumsum(g)
-        Gl = _last(G)
         W = _rows(w_ref, t0, C, T_)
         dO = _rows(do_ref, t0, C, T_).astype(F32)
-        P = _dot(q, k, tb=True, lp=lp) * _causal_decay(G)
-        Kd = k * jnp.exp(Gl - G)[:, None]
+        if kda:   # per-key decays; P from the prep kernel
+            G = jnp.cumsum(g, axis=0)
+            Gl = _row(G, C - 1)
+            P = _rows(p_ref, t0, C, T_)
+            Kd = k * jnp.exp(Gl[None, :] - G)
+            qe, eGl = q * jnp.exp(G), jnp.exp(Gl)[:, None]
+        else:
+            G = jnp.cumsum(g)
+            Gl = _last(G)
+            P = _dot(q, k, tb=True, lp=lp) * _causal_decay(G)
+            Kd = k * jnp.exp(Gl - G)[:, None]
+            qe, eGl = q * jnp.exp(G)[:, None], jnp.exp(Gl)
         dVn = _dot(P, dO, ta=True, lp=lp) + _dot(Kd, dH, lp=lp)
-        dH = (jnp.exp(Gl) * dH + _dot(q * jnp.exp(G)[:, None], dO, ta=True, lp=lp)
-              - _dot(W, dVn, ta=True, lp=lp))
+        dH = eGl * dH + _dot(qe, dO, ta=True, lp=lp) - _dot(W, dVn, ta=True, lp=lp)
         if varlen:
             _store_state_if(dh0_ref, seq, dH, first)
         return dH
@@ -662,12 +869,13 @@ def _rev_kernel(*refs, T, C, NC, scale, l2, lp, has_dht, varlen=False, N=1):
         dh0_ref[...] = jax.lax.fori_loop(0, NC, lambda cc, dH: body(NC - 1 - cc, dH), dH)
 
 
-def _grad_kernel(*refs, T, C, scale, l2, lp, varlen=False):
+def _grad_kernel(*refs, T, C, scale, l2, lp, varlen=False, kda=False):
     """Gradients of one chunk and V-block. varlen: refs start with the chunk table; the chunk's
     rows come from it and unused trailing chunks do nothing (their outputs are all masked)."""
     ctab_ref = refs[0] if varlen else None
     t0, end = _span(ctab_ref, pl.program_id(2), C, T)
-    kern = functools.partial(_grad_chunk, *(refs[1:] if varlen else refs), t0=t0, T=end, C=C,
+    kern = functools.partial(_grad_chunk_kda if kda else _grad_chunk,
+                             *(refs[1:] if varlen else refs), t0=t0, T=end, C=C,
                              scale=scale, l2=l2, lp=lp)
     if varlen:
         pl.when(end > t0)(kern)
@@ -741,7 +949,77 @@ def _grad_chunk(q_ref, k_ref, v_ref, g_ref, b_ref, do_ref, hs_ref, dhs_ref,
     plt.store(dg_ref.at[pl.ds(t0, C)], dg.astype(dg_ref.dtype), mask=idx < T)
 
 
-def _rev_call(q, k, g, W, do, dht, *, Hv, scale, l2, lp, interpret, tabs=None, num_warps=8):
+def _grad_chunk_kda(q_ref, k_ref, v_ref, g_ref, b_ref, do_ref, hs_ref, dhs_ref, p_ref, a_ref,
+                    dq_ref, dk_ref, dv_ref, db_ref, dg_ref, *, t0, T, C, scale, l2, lp):
+    """The chunk's backward with per-key gates (G [C, K]); T is the exclusive end of its real rows.
+
+    The same chain as `_grad_chunk` with the pairwise terms read from the prep kernel (P and
+    A / beta, computed there by `_kda_pairs`) and their cotangents from `_kda_pairs_bwd`. Exactly-one factors stay constants: P's diagonal
+    (q_i . k_i, no gate in it) and the last real row's Kd factor (1, its dG terms masked)."""
+    K = q_ref.shape[-1]
+    last = jnp.minimum(C, T - t0) - 1          # the chunk's last real row
+    q, k = _qk_chunk(q_ref, k_ref, t0, C, T, l2, scale)
+    v = _rows(v_ref, t0, C, T).astype(F32)
+    dO = _rows(do_ref, t0, C, T).astype(F32)
+    beta, G, Gl = _kda_gates(g_ref, b_ref, t0, C, T)
+    S = hs_ref[...]
+    dH = dhs_ref[...]
+    ii, cc = _iota(C, C, 0), _iota(C, C, 1)
+    strict = ii > cc
+    row = _iota(C, K, 0)
+    eG = jnp.exp(G)
+    # --- recompute the chunk's forward
+    Akk = _rows(a_ref, t0, C, T)               # pairs(k, k), float32
+    A = beta[:, None] * Akk
+    Tm = _inv_unit_lower(A)
+    bK = beta[:, None] * eG * k
+    bV = beta[:, None] * v
+    W = _dot(Tm, bK, lp=lp)
+    U = _dot(Tm, bV, lp=lp)
+    Vn = U - _dot(W, S, lp=lp)
+    P = _rows(p_ref, t0, C, T)                 # pairs(q, k) + diag(q . k), W's dtype
+    islast = row == last
+    dec = jnp.where(islast, 1.0, jnp.exp(jnp.where(islast, 0.0, Gl[None, :] - G)))
+    Kd = k * dec
+    # --- output and state update
+    dVn = _dot(P, dO, ta=True, lp=lp) + _dot(Kd, dH, lp=lp)
+    dP = jnp.where(ii >= cc, _dot(dO, Vn, tb=True, lp=lp), 0.0)
+    dq = eG * _dot(dO, S, tb=True, lp=lp)      # O = (e^G q) S + P Vn
+    dG = q * dq
+    dKd = _dot(Vn, dH, tb=True, lp=lp)         # [C, K]
+    dk = dec * dKd
+    t = jnp.where(islast, 0.0, Kd * dKd)       # d/dG_j of k_j e^(Gl - G_j); + the same for Gl
+    dGl = jnp.sum(t, axis=0) + jnp.exp(Gl) * jnp.sum(S * dH, axis=1)
+    dG = dG - t + jnp.where(row == C - 1, dGl[None, :], 0.0)
+    # --- Vn = U - W S, W = Tm bK, U = Tm bV, Tm = (I + A)^-1
+    dW = -_dot(dVn, S, tb=True, lp=lp)         # [C, K]
+    dT = _dot(dW, bK, tb=True) + _dot(dVn, bV, tb=True)
+    dbK = _dot(Tm, dW, ta=True)
+    dbV = _dot(Tm, dVn, ta=True)
+    dA = jnp.where(strict, -_dot(Tm, _dot(dT, Tm, tb=True), ta=True), 0.0)
+    dv = beta[:, None] * dbV
+    ekdbK = eG * k * dbK
+    dbeta = jnp.sum(v * dbV, axis=1) + jnp.sum(ekdbK, axis=1) + jnp.sum(dA * Akk, axis=1)
+    dk = dk + (beta[:, None] * eG) * dbK
+    dG = dG + beta[:, None] * ekdbK
+    # --- the pairwise terms: A = beta (.) pairs(k, k), P = pairs(q, k) + diag(q . k)
+    (dxk, dxq), dy = _kda_pairs_bwd([dA * beta[:, None], dP], [k, q], k, G, [None, lp])
+    dPd = jnp.sum(jnp.where(ii == cc, dP, 0.0), axis=1)[:, None]
+    dq = dq + dxq + dPd * k
+    dk = dk + dxk + dy + dPd * q
+    dG = dG + k * dxk + q * dxq - k * dy
+    # --- G = cumsum(g): dg_j = sum_{i >= j} dG_i (a masked dot: a sum, no cancellation)
+    dg = _dot(jnp.where(ii >= cc, 1.0, 0.0), dG, ta=True)
+    _store_rows(dq_ref, t0, dq * scale, T)
+    _store_rows(dk_ref, t0, dk, T)
+    _store_rows(dv_ref, t0, dv, T)
+    _store_rows(dg_ref, t0, dg, T)
+    idx = t0 + jnp.arange(C)
+    plt.store(db_ref.at[pl.ds(t0, C)], dbeta.astype(db_ref.dtype), mask=idx < T)
+
+
+def _rev_call(q, k, g, W, do, dht, *, Hv, scale, l2, lp, interpret, tabs=None, num_warps=8,
+              P=None):
     B, T, Hk, K = q.shape
     V = do.shape[-1]
     NC = _num_chunks(T, tabs)
@@ -750,20 +1028,25 @@ def _rev_call(q, k, g, W, do, dht, *, Hv, scale, l2, lp, interpret, tabs=None, n
     qk, _, kh, vb, gb = _specs(B, T, Hk, Hv, K, V, Hv // Hk, bv)
     s_spec = _state_spec(tabs, K, bv)
     t_specs, t_args = _table_args(tabs)
-    in_specs = [*t_specs, qk, qk, gb, kh, vb]
+    kda = _is_kda(g)
+    in_specs = [*t_specs, qk, qk, _gate_spec(g, T, K), kh, vb]
     args = [*t_args, q, k, g, W, do]
+    if kda:
+        in_specs.append(_p_spec(T))
+        args.append(P)
     if dht is not None:
         in_specs.append(s_spec)
         args.append(dht)
     kern = functools.partial(_rev_kernel, T=T, C=CHUNK, NC=NC, scale=float(scale), l2=l2, lp=lp,
-                             has_dht=dht is not None, varlen=tabs is not None, N=NS)
+                             has_dht=dht is not None, varlen=tabs is not None, N=NS, kda=kda)
     return pl.pallas_call(
         kern, grid=(B, Hv, V // bv), in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, NC, K, bv), lambda n, h, x: (n, h, 0, 0, x)), s_spec],
         out_shape=[jax.ShapeDtypeStruct((B, Hv, NC, K, V), F32),
                    jax.ShapeDtypeStruct((NS, Hv, K, V), F32)],
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret, name=f"gdn_chunk_bwd_state_k{K}_v{V}_bv{bv}")(*args)
+        interpret=interpret,
+        name=f"gdn_chunk_{'kda_' if kda else ''}bwd_state_k{K}_v{V}_bv{bv}")(*args)
 
 
 def choose_grad_block_v(V: int, K: int) -> int:
@@ -773,8 +1056,10 @@ def choose_grad_block_v(V: int, K: int) -> int:
     return min(V, 32 if K <= 128 else 16)
 
 
-def _grad_call(q, k, v, g, beta, do, hs, dhs, *, scale, l2, lp, interpret, tabs=None, num_warps=8):
-    """dq, dk, dbeta, dg as partial sums over the value blocks [NVB, ...]; dv whole."""
+def _grad_call(q, k, v, g, beta, do, hs, dhs, *, scale, l2, lp, interpret, tabs=None, num_warps=8,
+               P=None, Akk=None):
+    """dq, dk, dbeta, dg as partial sums over the value blocks [NVB, ...]; dv whole.
+    KDA: P and A / beta from the prep kernel."""
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     NC = _num_chunks(T, tabs)
@@ -784,23 +1069,31 @@ def _grad_call(q, k, v, g, beta, do, hs, dhs, *, scale, l2, lp, interpret, tabs=
     qk = pl.BlockSpec((None, T, None, K), lambda n, h, c, x: (n, 0, h // group, 0))
     vb = pl.BlockSpec((None, T, None, bv), lambda n, h, c, x: (n, 0, h, x))
     gb = pl.BlockSpec((None, T, None), lambda n, h, c, x: (n, 0, h))
+    kda = _is_kda(g)
+    gk = pl.BlockSpec((None, T, None, K), lambda n, h, c, x: (n, 0, h, 0)) if kda else gb
     hs_spec = pl.BlockSpec((None, None, None, K, bv), lambda n, h, c, x: (n, h, c, 0, x))
     pk = pl.BlockSpec((None, None, T, None, K), lambda n, h, c, x: (x, n, 0, h, 0))
     pg = pl.BlockSpec((None, None, T, None), lambda n, h, c, x: (x, n, 0, h))
     kern = functools.partial(_grad_kernel, T=T, C=CHUNK, scale=float(scale), l2=l2, lp=lp,
-                             varlen=tabs is not None)
+                             varlen=tabs is not None, kda=kda)
     t_specs, t_args = _table_args(tabs, chunk_only=True)
+    pa_specs, pa_args = [], []
+    if kda:
+        pa_specs = [pl.BlockSpec((None, T, None, CHUNK), lambda n, h, c, x: (n, 0, h, 0))] * 2
+        pa_args = [P, Akk]
     return pl.pallas_call(
-        kern, grid=(B, Hv, NC, nvb), in_specs=[*t_specs, qk, qk, vb, gb, gb, vb, hs_spec, hs_spec],
-        out_specs=[pk, pk, vb, pg, pg],
+        kern, grid=(B, Hv, NC, nvb),
+        in_specs=[*t_specs, qk, qk, vb, gk, gb, vb, hs_spec, hs_spec, *pa_specs],
+        out_specs=[pk, pk, vb, pg, pk if kda else pg],
         out_shape=[jax.ShapeDtypeStruct((nvb, B, T, Hv, K), F32),
                    jax.ShapeDtypeStruct((nvb, B, T, Hv, K), F32),
                    jax.ShapeDtypeStruct((B, T, Hv, V), v.dtype),
                    jax.ShapeDtypeStruct((nvb, B, T, Hv), F32),
-                   jax.ShapeDtypeStruct((nvb, B, T, Hv), F32)],
+                   jax.ShapeDtypeStruct((nvb, B, T, Hv, K) if kda else (nvb, B, T, Hv), F32)],
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret, name=f"gdn_chunk_bwd_grad_k{K}_v{V}_bv{bv}")(
-            *t_args, q, k, v, g, beta, do, hs, dhs)
+        interpret=interpret,
+        name=f"gdn_chunk_{'kda_' if kda else ''}bwd_grad_k{K}_v{V}_bv{bv}")(
+            *t_args, q, k, v, g, beta, do, hs, dhs, *pa_args)
 
 
 def chunked_backward(q, k, v, g, beta, initial_state, do, dht, *, scale: float,
@@ -831,14 +1124,16 @@ def chunked_backward(q, k, v, g, beta, initial_state, do, dht, *, scale: float,
         q, k, v, g, beta, initial_state, do, dht, what="chunked kernels (backward)",
         interpret=interpret)
     do = do.astype(q.dtype)
-    W, U = _prep_call(k, v, g, beta, Hv=Hv, l2=l2, lp=lp, interpret=interpret, tabs=tabs)
+    W, U, *PA = _prep_call(k, v, g, beta, Hv=Hv, l2=l2, lp=lp, interpret=interpret, tabs=tabs,
+                           q=q, scale=scale, store_a=True)
+    P, Akk = PA if PA else (None, None)
     (hs,) = _state_call(q, k, g, W, U, initial_state, Hv=Hv, scale=scale, l2=l2, lp=lp,
                         store_o=False, store_ht=False, store_states=True, interpret=interpret,
                         tabs=tabs)
     dhs, dh0 = _rev_call(q, k, g, W, do, dht, Hv=Hv, scale=scale, l2=l2, lp=lp, interpret=interpret,
-                         tabs=tabs)
+                         tabs=tabs, P=P)
     dq, dk, dv, dbeta, dg = _grad_call(q, k, v, g, beta, do, hs, dhs, scale=scale, l2=l2, lp=lp,
-                                       interpret=interpret, tabs=tabs)
+                                       interpret=interpret, tabs=tabs, P=P, Akk=Akk)
     grp = Hv // Hk
     dq = dq.sum(0).reshape(B, T, Hk, grp, K).sum(3)  # value blocks, then the head group
     dk = dk.sum(0).reshape(B, T, Hk, grp, K).sum(3)
@@ -868,8 +1163,18 @@ def _inv_flops(n):
     return 2 * _inv_flops(h) + 2 * (2 * h ** 3)
 
 
-def cost_model(B, T, Hk, Hv, K, V, *, in_bytes=2, backward=True):
+def cost_model(B, T, Hk, Hv, K, V, *, in_bytes=2, backward=True, kda=False):
     """[(kernel, programs, tensor-core FLOPs, float32 CUDA-core FLOPs, HBM bytes)] for one call.
+
+    kda: per-key gates (g [B, T, Hv, K] float32). Differences from GDA: the gates are K times
+    larger; the prep kernel also reads q and writes P [B, T, Hv, C] (the state passes read it
+    instead of computing q k^T); the pairwise terms are 3 masked [C, K] x [K, C] dots per row
+    operand (k, q) for the off-diagonal sub-blocks plus the exact diagonal sub-blocks, counted
+    as float32 CUDA-core work (~22 C K operations per column offset, 16 of them; the
+    backward's ~30 C K); in the backward the prep kernel also writes A / beta [B, T, Hv, C]
+    float32 and the gradient kernel reads it and P instead of recomputing the pairwise terms,
+    adds the pairwise cotangent dots and writes dg partials [NVB, B, T, Hv, K]. Elementwise
+    exps and masks of GDA are not counted.
 
     FLOPs: 2 m n k per dot, summed over every program of the grid (recomputation included).
     Bytes: each distinct array read once and written once (re-reads of a q/k head by the value
@@ -899,26 +1204,36 @@ def cost_model(B, T, Hk, Hv, K, V, *, in_bytes=2, backward=True):
     wu_b = B * T * Hv * (K + V) * w
     st_b = B * Hv * K * V * f
     hs_b = B * Hv * NC * K * V * f
-    add("prep", B * Hv * NC, d(C, C, K) + d(C, C, K) + d(C, C, V), _inv_flops(C),
-        qk_b + v_b + gb_b + wu_b)
+    g_b = B * T * Hv * 4 * (K if kda else 1)      # the gates (float32)
+    gb_b = g_b + B * T * Hv * 4                   # gates + beta
+    p_b = B * T * Hv * C * w if kda else 0        # KDA: P written by prep, read by the state passes
+    pair16 = 6 * d(C, C, K) if kda else d(C, C, K)           # A (and P) pairwise dots
+    diag32 = SUB * 22 * C * K if kda else 0                  # exact diagonal sub-blocks
+    qk_fwd = 0 if kda else d(C, C, K)                        # q k^T inside the state passes
+    add("prep", B * Hv * NC, pair16 + d(C, C, K) + d(C, C, V), _inv_flops(C) + diag32,
+        qk_b * (2 if kda else 1) + v_b + gb_b + wu_b + p_b)
     add("fwd (state + output)", B * Hv * nvb,
-        NC * (d(C, K, bv) + d(C, C, K) + d(C, K, bv) + d(C, C, bv) + d(K, C, bv)), 0,
-        2 * qk_b + gb_b // 2 + wu_b + v_b + 2 * st_b)
+        NC * (d(C, K, bv) + qk_fwd + d(C, K, bv) + d(C, C, bv) + d(K, C, bv)), 0,
+        2 * qk_b + g_b + wu_b + v_b + 2 * st_b + p_b)
+    a_b = B * T * Hv * C * 4 if kda else 0        # KDA backward: A / beta from prep, float32
     if backward:
-        add("bwd: prep (recompute W, U)", *out[0][1:2], d(C, C, K) * 2 + d(C, C, V), _inv_flops(C),
-            qk_b + v_b + gb_b + wu_b)
+        add("bwd: prep (recompute W, U)", *out[0][1:2], out[0][2] // out[0][1] if tc16 else 0,
+            out[0][3] // out[0][1], qk_b * (2 if kda else 1) + v_b + gb_b + wu_b + p_b + a_b)
         add("bwd: states (per chunk)", B * Hv * nvb, NC * (d(C, K, bv) + d(K, C, bv)), 0,
-            qk_b + gb_b // 2 + wu_b + st_b + hs_b)
+            qk_b + g_b + wu_b + st_b + hs_b)
         add("bwd: reverse state pass", B * Hv * nvb,
-            NC * (d(C, C, K) + d(C, C, bv) + d(C, K, bv) + 2 * d(K, C, bv)), 0,
-            2 * qk_b + gb_b // 2 + B * T * Hv * K * w + v_b + 2 * st_b + hs_b)
+            NC * (qk_fwd + d(C, C, bv) + d(C, K, bv) + 2 * d(K, C, bv)), 0,
+            2 * qk_b + g_b + B * T * Hv * K * w + v_b + 2 * st_b + hs_b + p_b)
         g16 = (3 * d(C, C, K) + d(C, C, bv) + d(C, K, bv) + d(C, C, bv) + d(C, K, bv)
                + d(C, C, bv) + d(C, K, bv) + 2 * d(C, C, K) + d(C, K, bv) + d(C, K, bv))
         g32 = (_inv_flops(C) + d(C, C, K) + d(C, C, bv) + d(C, C, K) + d(C, C, bv)
                + 2 * d(C, C, C) + 2 * d(C, C, K))
-        part = nvb * (2 * B * T * Hv * K * f + 2 * B * T * Hv * f)
+        if kda:   # P, A / beta read (no k k^T, q k^T); cotangent dots; dg = tri^T dG; diagonal
+            g16 += 2 * d(C, C, K)
+            g32 += 5 * d(C, C, K) + SUB * 30 * C * K
+        part = nvb * (2 * B * T * Hv * K * f + B * T * Hv * f + g_b)
         add("bwd: gradients (per chunk, V-block)", B * Hv * NC * nvb, g16, g32,
-            2 * qk_b + 2 * v_b + gb_b + 2 * hs_b + part + v_b)
+            2 * qk_b + 2 * v_b + gb_b + 2 * hs_b + part + v_b + p_b + a_b)
         # XLA epilogue: sum the V-block partials, the head group, the l2norm Jacobian
         out.append(("bwd: XLA epilogue (partials, group, l2norm)", 0, 0, 0,
                     part + 2 * qk_b * 2 + 2 * B * T * Hk * K * f))
@@ -932,10 +1247,13 @@ def predicted_times(rows, *, tc_flops=990e12, f32_flops=67e12, bw=3.35e12):
 
 
 if __name__ == "__main__":  # python -m gdn_jax.kernels.chunked
-    for label, shape in (("prefill B=1 T=2048 Hk=16 Hv=32 K=V=128 bf16", (1, 2048, 16, 32, 128, 128)),
-                         ("long B=1 T=8192 Hk=16 Hv=64 K=V=128 bf16", (1, 8192, 16, 64, 128, 128)),
-                         ("long B=1 T=8192 Hk=16 Hv=32 K=V=128 bf16", (1, 8192, 16, 32, 128, 128))):
-        rows = cost_model(*shape)
+    for label, shape, kda in (
+            ("prefill B=1 T=2048 Hk=16 Hv=32 K=V=128 bf16", (1, 2048, 16, 32, 128, 128), False),
+            ("long B=1 T=8192 Hk=16 Hv=64 K=V=128 bf16", (1, 8192, 16, 64, 128, 128), False),
+            ("long B=1 T=8192 Hk=16 Hv=32 K=V=128 bf16", (1, 8192, 16, 32, 128, 128), False),
+            ("KDA prefill B=1 T=2048 Hk=16 Hv=32 K=V=128 bf16", (1, 2048, 16, 32, 128, 128), True),
+            ("KDA long B=1 T=8192 Hk=16 Hv=32 K=V=128 bf16", (1, 8192, 16, 32, 128, 128), True)):
+        rows = cost_model(*shape, kda=kda)
         times = dict(predicted_times(rows))
         print(f"\n{label}\n| kernel | programs | TC GFLOP | f32 GFLOP | MB | predicted us |")
         print("|---|---|---|---|---|---|")

@@ -251,7 +251,8 @@ def _recurrent_cases():
 
 def _chunked_cases():
     """(label, fn, args) for the chunked kernels: forward and backward at the prefill shape
-    B=1, T=2048, Hk=16, Hv=32, K=V=128, bf16 inputs, float32 gates, l2norm, initial state."""
+    B=1, T=2048, Hk=16, Hv=32, K=V=128, bf16 inputs, float32 gates, l2norm, initial state;
+    GDA and KDA (per-key gates), and GDA with packed sequences."""
     import jax
     import jax.numpy as jnp
 
@@ -281,7 +282,11 @@ def _chunked_cases():
     def vbwd(cu, *a):
         return chunked.chunked_backward(*a, scale=K ** -0.5, use_qk_l2norm=True, cu_seqlens=cu)
 
-    return [(label.format("fwd"), fwd, args),
+    # KDA: per-key gates g [B, T, Hv, K] float32, otherwise the same call
+    kargs = args[:3] + [S((B, T, Hv, K), f32)] + args[4:]
+    return [(label.format("kda-fwd"), fwd, kargs),
+            (label.format("kda-bwd"), bwd, kargs + [S((B, T, Hv, V), bf16), S((B, Hv, K, V), f32)]),
+            (label.format("fwd"), fwd, args),
             (label.format("bwd"), bwd, args + [S((B, T, Hv, V), bf16), S((B, Hv, K, V), f32)]),
             (label.format("varlen-fwd") + f" N={N}", vfwd, vargs),
             (label.format("varlen-bwd") + f" N={N}", vbwd,

@@ -168,7 +168,14 @@ def test_varlen_token_loop_is_a_for_loop():
 # chunk-sized float32 tiles live; splitting it is the open item in the README). The bounds
 # catch regressions.
 CHUNKED_SPILL_BOUND = {"gdn_chunk_prep": 0, "gdn_chunk_states": 0, "gdn_chunk_fwd": 256,
-                       "gdn_chunk_bwd_state": 256, "gdn_chunk_bwd_grad": 16384}
+                       "gdn_chunk_bwd_state": 256, "gdn_chunk_bwd_grad": 16384,
+                       # KDA (kernels/README.md, "KDA"): the prep kernel's pairwise sub-block
+                       # terms (416 B), the P-reading state passes (76 / 28 / 0 B), and the
+                       # gradient kernel (~30 KB: the GDA kernel's live set plus the
+                       # [C, K] gate tiles G, e^G and the pairwise cotangents; 30,560 B)
+                       "gdn_chunk_kda_prep": 1024, "gdn_chunk_kda_states": 256,
+                       "gdn_chunk_kda_fwd": 256, "gdn_chunk_kda_bwd_state": 256,
+                       "gdn_chunk_kda_bwd_grad": 32768}
 
 
 def _chunked(report, which):
@@ -177,14 +184,16 @@ def _chunked(report, which):
     return case
 
 
-@pytest.mark.parametrize("which,n", [("fwd", 2), ("bwd", 4)])
+@pytest.mark.parametrize("which,n", [("fwd", 2), ("bwd", 4), ("kda-fwd", 2), ("kda-bwd", 4)])
 def test_chunked_compiles_for_sm90a(compile_report, which, n):
-    """Forward (2 kernels) and backward (4 kernels) at B=1, T=2048, Hk=16, Hv=32, K=V=128, bf16."""
+    """Forward (2 kernels) and backward (4 kernels) at B=1, T=2048, Hk=16, Hv=32, K=V=128, bf16,
+    GDA and KDA (per-key gates: the kda_ kernels)."""
     case = _chunked(compile_report, which)
     assert len(case["kernels"]) == n, case
     for k in case["kernels"]:
         assert k["arch"] == "sm_90a" and k["registers"] > 0, k
         assert k["smem"] <= gpu_compile.H100_SMEM_PER_BLOCK, k
+        assert k["name"].startswith("gdn_chunk_kda_") == which.startswith("kda"), k["name"]
         bound = next(v for p, v in sorted(CHUNKED_SPILL_BOUND.items(), key=lambda x: -len(x[0]))
                      if k["name"].startswith(p))
         assert k.get("spill_stores", 0) <= bound, (k["name"], k.get("spill_stores"), bound)
@@ -229,5 +238,12 @@ def test_chunked_float32_kernels_are_full_precision():
         lambda cu, *a: chunked.chunked_backward(*a, scale=0.1, cu_seqlens=cu), cu, *vargs,
         S((B, T, Hv, V), f32), S((3, Hv, K, V), f32))
     assert len(vfwd) == 2 and len(vbwd) == 4
-    for k in fwd + bwd + vfwd + vbwd:
+    # KDA (per-key gates): the pairwise sub-block dots, the P-reading state passes
+    kargs = args[:3] + [S((B, T, Hv, K), f32)] + args[4:]
+    kfwd = gpu_compile.triton_kernels(lambda *a: chunked.chunked_forward(*a, scale=0.1), *kargs)
+    kbwd = gpu_compile.triton_kernels(lambda *a: chunked.chunked_backward(*a, scale=0.1),
+                                      *kargs, S((B, T, Hv, V), f32), S((B, Hv, K, V), f32))
+    assert len(kfwd) == 2 and len(kbwd) == 4
+    assert all(k["name"].startswith("gdn_chunk_kda_") for k in kfwd + kbwd)
+    for k in fwd + bwd + vfwd + vbwd + kfwd + kbwd:
         assert "tt.dot" in k["ir"] and not tf32_dots(k["ir"]) and "tf32" not in k["ir"], k["name"]

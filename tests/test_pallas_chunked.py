@@ -142,6 +142,93 @@ def test_clamped_gates_have_zero_gradient():
     assert float(grads[3][0, 3, 0]) == 0.0 and float(grads[3][0, 5, 0]) == 0.0
 
 
+# ---- KDA (per-key gates g [B, T, Hv, K]) ------------------------------------------------------
+
+def make_kda_inputs(B, T, Hk, Hv, K, V, *, dtype, l2, seed=0, strong=False):
+    """KDA inputs: gates -softplus(N) per key channel; strong: on half the (token, channel)
+    entries per-token gates uniform in [-30, -19.5] instead (strong decay, down to -30)."""
+    q, k, v, _, beta, h0 = make_inputs(B, T, Hk, Hv, K, V, dtype=dtype, l2=l2, seed=seed)
+    ks = jax.random.split(jax.random.PRNGKey(seed + 100), 3)
+    g = -jax.nn.softplus(jax.random.normal(ks[0], (B, T, Hv, K)))
+    if strong:
+        gs = -30.0 + 10.5 * jax.random.uniform(ks[1], (B, T, Hv, K))
+        g = jnp.where(jax.random.uniform(ks[2], (B, T, Hv, K)) < 0.5, gs, g)
+    return q, k, v, g, beta, h0
+
+
+def _api(scale, l2):
+    """The public op on the Pallas chunked kernels (interpret mode); custom_vjp backward."""
+    from gdn_jax import gated_delta_net
+
+    def fn(q, k, v, g, beta, init, do, dht):
+        def f(*a):
+            return gated_delta_net(*a[:5], initial_state=a[5] if init is not None else None,
+                                   scale=scale, output_final_state=True,
+                                   use_qk_l2norm_in_kernel=l2, impl="chunked", backend="pallas",
+                                   interpret=True)
+        (o, s), vjp = jax.vjp(f, q, k, v, g, beta, init if init is not None else 0.0)
+        grads = vjp((do, dht if dht is not None else jnp.zeros_like(s)))
+        return o, s, grads[:5] + ((grads[5],) if init is not None else (None,))
+    return fn
+
+
+# Pairwise over dtype, group, T (ragged / whole chunks / multi-chunk), K, V, h0, l2norm, dht,
+# strong decay; the strong-decay case runs through the public API (gated_delta_net).
+# (B, T, Hk, Hv, K, V, dtype, h0, l2, dht, strong)
+KDA_CASES = [
+    (1, 100, 1, 2, 32, 32, F32, True, True, True, False),    # ragged T, grouped, all six
+    (1, 70, 1, 1, 32, 16, F32, True, True, True, True),      # strong decay, g in [-30, -19.5]
+    (1, 130, 1, 2, 64, 32, BF16, True, True, True, False),   # bf16, three chunks, K = 64
+    (1, 64, 2, 4, 16, 64, F16, False, False, False, False),  # f16, group 2, 2 V-blocks, no h0
+]
+
+
+@pytest.mark.parametrize("B,T,Hk,Hv,K,V,dtype,has_h0,l2,has_dht,strong", KDA_CASES)
+def test_kda_forward_and_gradients_match_reference(B, T, Hk, Hv, K, V, dtype, has_h0, l2, has_dht,
+                                                    strong):
+    q, k, v, g, beta, h0 = make_kda_inputs(B, T, Hk, Hv, K, V, dtype=dtype, l2=l2, seed=3,
+                                           strong=strong)
+    scale = K ** -0.5
+
+    def ref(q, k, v, g, beta, h0):
+        return reference_gated_delta_net(q, k, v, g, beta, h0, scale=scale, use_qk_l2norm=l2)
+
+    h0r = h0 if has_h0 else jnp.zeros_like(h0)
+    (o_r, s_r), vjp = jax.vjp(ref, q, k, v, g, beta, h0r)
+    do = jax.random.normal(jax.random.PRNGKey(9), o_r.shape).astype(o_r.dtype)
+    dht = jax.random.normal(jax.random.PRNGKey(8), s_r.shape) if has_dht else None
+    grads_ref = vjp((do, dht if has_dht else jnp.zeros_like(s_r)))
+    init = h0 if has_h0 else None
+    assert chunked.supports(q, k, v, g, beta, init) is None
+    tol_o, tol_g = TOL[jnp.dtype(dtype)]
+    args = (q, k, v, g, beta, init, do, dht)
+
+    if strong:   # forward and backward kernels in one program, through gated_delta_net
+        fn = _api(scale, l2)
+        assert str(jax.make_jaxpr(fn)(*args)).count("pallas_call") == 2 + 4
+        o, s, grads = jax.jit(fn)(*args)
+    else:
+        def fwd(q, k, v, g, beta, init):
+            return chunked.chunked_forward(q, k, v, g, beta, init, scale=scale, use_qk_l2norm=l2,
+                                           interpret=True)
+
+        def bwd(*a):
+            return chunked.chunked_backward(*a, scale=scale, use_qk_l2norm=l2, interpret=True)
+
+        assert pallas_in_jaxpr(fwd, *args[:6]) and pallas_in_jaxpr(bwd, *args)
+        o, s = jax.jit(fwd)(*args[:6])
+        grads = jax.jit(bwd)(*args)
+    assert o.dtype == q.dtype and o.shape == (B, T, Hv, V) and s.dtype == F32
+    assert rel(o, o_r) < tol_o and rel(s, s_r) < tol_o, (rel(o, o_r), rel(s, s_r))
+    for name, x, r, inp in zip(GRAD_NAMES, grads, grads_ref, (q, k, v, g, beta, init)):
+        if inp is None:
+            assert x is None, name
+            continue
+        assert x.shape == inp.shape and x.dtype == inp.dtype, name
+        assert np.isfinite(np.asarray(x, np.float32)).all(), name
+        assert rel(x, r) < tol_g, (name, rel(x, r))
+
+
 S = jax.ShapeDtypeStruct
 
 
@@ -155,7 +242,7 @@ def _sds(B=1, T=100, Hk=1, Hv=2, K=64, V=64, dtype=F32, kda=False, h0=True, h0_s
     (dict(K=96), "kv", "K=96"),
     (dict(V=512), "kv", "V=512"),
     (dict(dtype=jnp.int32), "kv", "dtype"),
-    (dict(kda=True), "kv", "KDA"),
+    (dict(kda=True, K=256, V=64), "kv", "KDA"),
     (dict(), "vk", "layout"),
     (dict(h0_shape=(1, 2, 32, 64)), "kv", "initial_state"),
 ])
@@ -174,6 +261,9 @@ def test_supports_accepts_shape_dtype_structs():
         for dtype in (F32, BF16, F16):
             assert chunked.supports(*_sds(K=K, V=V, dtype=dtype)) is None
     assert chunked.supports(*_sds(h0=False)) is None
+    for K, V in ((16, 16), (64, 64), (128, 128), (128, 256), (64, 32)):   # KDA
+        for dtype in (F32, BF16, F16):
+            assert chunked.supports(*_sds(K=K, V=V, dtype=dtype, kda=True)) is None
 
 
 def test_cpu_lowering_without_interpret_raises_naming_backend():
@@ -196,4 +286,12 @@ def test_lowers_for_cuda_without_a_gpu():
     bargs = args + (S((1, 200, 4, 64), BF16), S((1, 4, 64, 64), F32))
     lowered = jax.jit(lambda *a: chunked.chunked_backward(*a, scale=0.1, use_qk_l2norm=True)).trace(
         *bargs).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 4
+    # KDA (per-key gates g [B, T, Hv, K]): the same 2 + 4 kernels
+    kargs = args[:3] + (S((1, 200, 4, 64), F32),) + args[4:]
+    lowered = jax.jit(lambda *a: chunked.chunked_forward(*a, scale=0.1, use_qk_l2norm=True)).trace(
+        *kargs).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2
+    lowered = jax.jit(lambda *a: chunked.chunked_backward(*a, scale=0.1, use_qk_l2norm=True)).trace(
+        *(kargs + bargs[6:])).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 4

@@ -37,9 +37,10 @@ def cu_of(lens):
     return np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
 
 
-def make_inputs(lens, Hk, Hv, K, V, *, dtype, l2, seed=0, gmin=None):
+def make_inputs(lens, Hk, Hv, K, V, *, dtype, l2, seed=0, gmin=None, kda=False):
     """Packed inputs [1, T, ...]; unit keys without l2norm (a contractive recurrence).
-    gmin: per-token gates uniform in [gmin, gmin + 0.5] (strong decay)."""
+    gmin: per-token gates uniform in [gmin, gmin + 0.5] (strong decay). kda: per-key gates
+    g [1, T, Hv, K]."""
     T, N = int(sum(lens)), len(lens)
     ks = jax.random.split(jax.random.PRNGKey(seed), 6)
     q = jax.random.normal(ks[0], (1, T, Hk, K), F32)
@@ -48,10 +49,11 @@ def make_inputs(lens, Hk, Hv, K, V, *, dtype, l2, seed=0, gmin=None):
         q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
         k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
     v = jax.random.normal(ks[2], (1, T, Hv, V), F32)
+    gs = (1, T, Hv) + ((K,) if kda else ())
     if gmin is None:
-        g = -jax.nn.softplus(jax.random.normal(ks[3], (1, T, Hv)))
+        g = -jax.nn.softplus(jax.random.normal(ks[3], gs))
     else:
-        g = gmin + 0.5 * jax.random.uniform(ks[3], (1, T, Hv))
+        g = gmin + 0.5 * jax.random.uniform(ks[3], gs)
     beta = jax.nn.sigmoid(jax.random.normal(ks[4], (1, T, Hv)))
     h0 = jax.random.normal(ks[5], (N, Hv, K, V), F32)
     return q.astype(dtype), k.astype(dtype), v.astype(dtype), g, beta, h0
@@ -141,6 +143,51 @@ def test_f32_forward_and_gradients_match_per_sequence_reference(lens, gmin):
         assert np.isfinite(np.asarray(x)).all(), name
         assert rel(x, r) < 1e-4, (name, rel(x, r))
     for n, L in enumerate(lens):   # ... and passes dht through to dh0
+        if L == 0:
+            np.testing.assert_array_equal(np.asarray(grads[5][n]), np.asarray(dht[n]))
+
+
+# ---- KDA (per-key gates): configuration A's shapes, float32, one length set -------------
+# Lengths 0 (first and last), 37, 64, 70: boundaries inside packed chunks, a whole chunk,
+# a two-chunk sequence; half the gates strong (per-token g near -20).
+
+@jax.jit
+def _fwd_kda(cu, q, k, v, g, beta, h0):
+    return chunked.chunked_forward(q, k, v, g, beta, h0, scale=A_SCALE, use_qk_l2norm=True,
+                                   interpret=True, cu_seqlens=cu)
+
+
+@jax.jit
+def _bwd_kda(cu, q, k, v, g, beta, h0, do, dht):
+    return chunked.chunked_backward(q, k, v, g, beta, h0, do, dht, scale=A_SCALE,
+                                    use_qk_l2norm=True, interpret=True, cu_seqlens=cu)
+
+
+def test_kda_f32_forward_and_gradients_match_per_sequence_reference():
+    lens = (0, 37, 64, 70, 0)
+    q, k, v, g, beta, h0 = make_inputs(lens, **A, dtype=F32, l2=True, seed=11, kda=True)
+    strong = -20.0 + 0.5 * jax.random.uniform(jax.random.PRNGKey(12), g.shape)
+    g = jnp.where(jax.random.uniform(jax.random.PRNGKey(13), g.shape) < 0.5, strong, g)
+    cu = jnp.asarray(cu_of(lens))
+    do = jax.random.normal(jax.random.PRNGKey(7), q.shape[:2] + v.shape[2:], F32)
+    dht = jax.random.normal(jax.random.PRNGKey(8), h0.shape, F32)
+    o_r, s_r, grads_r = oracle(lens, scale=A_SCALE, l2=True)((q, k, v, g, beta, h0), do, dht)
+    assert chunked.supports(q, k, v, g, beta, h0, cu_seqlens=cu) is None
+
+    assert pallas_in_jaxpr(_fwd_kda, cu, q, k, v, g, beta, h0)
+    o, s = _fwd_kda(cu, q, k, v, g, beta, h0)
+    assert rel(o, o_r) < 1e-4 and rel(s, s_r) < 1e-4, (rel(o, o_r), rel(s, s_r))
+    for n, L in enumerate(lens):
+        if L == 0:
+            np.testing.assert_array_equal(np.asarray(s[n]), np.asarray(h0[n]))
+
+    assert pallas_in_jaxpr(_bwd_kda, cu, q, k, v, g, beta, h0, do, dht)
+    grads = _bwd_kda(cu, q, k, v, g, beta, h0, do, dht)
+    for name, x, r, inp in zip(GRAD_NAMES, grads, grads_r, (q, k, v, g, beta, h0)):
+        assert x.shape == inp.shape and x.dtype == inp.dtype, name
+        assert np.isfinite(np.asarray(x)).all(), name
+        assert rel(x, r) < 1e-4, (name, rel(x, r))
+    for n, L in enumerate(lens):
         if L == 0:
             np.testing.assert_array_equal(np.asarray(grads[5][n]), np.asarray(dht[n]))
 
@@ -244,7 +291,7 @@ def _sds(B=1, T=100, Hk=1, Hv=2, K=32, V=32, N=3, h0_n=None, kda=False):
     (dict(), S((4,), jnp.int16), "int32"),
     (dict(), S((4, 1), jnp.int32), "N + 1"),
     (dict(), S((1,), jnp.int32), "N + 1"),
-    (dict(kda=True), S((4,), jnp.int32), "KDA"),
+    (dict(kda=True, K=256), S((4,), jnp.int32), "KDA"),   # KDA at K = 256: declined
 ])
 def test_supports_declines_varlen_with_reason(kwargs, cu, needle):
     reason = chunked.supports(*_sds(**kwargs), cu_seqlens=cu)
