@@ -17,7 +17,7 @@ AXES = {
     "kda": [False, True],
     "group": [1, 2, 4],
     "Hk": [1, 2],
-    "T": [1, 7, 63, 64, 65, 200],
+    "T": [1, 7, 64, 65, 200],  # 65: a ragged last chunk (front padding of 63)
     "B": [1, 3],
     "K": [16, 64, 128],
     "V": [16, 64, 128],
