@@ -14,3 +14,20 @@ settings.register_profile("ci", deadline=None, max_examples=4, derandomize=True,
 settings.register_profile("dev", deadline=None, max_examples=25,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Starts the background subprocess jobs of the selected tests (tests/background.py) and
+    runs their consumers last, so the jobs overlap the rest of the suite."""
+    import background  # noqa: PLC0415
+
+    late = []
+    for item in items:
+        jobs = getattr(item.module, "BACKGROUND", {})
+        wanted = [key for key, job in jobs.items() if job.wanted_by(item)]
+        for key in wanted:
+            background.start(key, jobs[key])
+        if wanted:
+            late.append(item)
+    if late:
+        items[:] = [it for it in items if it not in late] + late

@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import background  # noqa: E402
 import gpu_compile  # noqa: E402
 
 from gdn_jax.kernels import recurrent  # noqa: E402
@@ -68,14 +69,19 @@ def test_float32_kernel_is_full_precision(kda):
     assert k["grid"] == [B, Hv, V // bv] and k["num_warps"] == nw
 
 
+# The compile subprocess starts when collection ends and runs beside the other tests
+# (tests/background.py); the tests that read its report run last.
+BACKGROUND = {"gpu_compile": background.Job(
+    [sys.executable, os.path.join(HERE, "gpu_compile.py")], dict(os.environ, JAX_PLATFORMS="cpu"),
+    os.path.dirname(HERE), lambda item: "compile_report" in getattr(item, "fixturenames", ()))}
+
+
 @pytest.fixture(scope="module")
 def compile_report():
     reason = gpu_compile.unavailable_reason()
     if reason:
         pytest.skip(f"CUDA compile checks need jax-cuda12-plugin, jax-cuda12-pjrt and ptxas: {reason}")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, os.path.join(HERE, "gpu_compile.py")], capture_output=True,
-                       text=True, timeout=600, env=env, cwd=os.path.dirname(HERE))
+    p = background.result("gpu_compile", BACKGROUND["gpu_compile"], timeout=900)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("GPU_COMPILE_JSON ")), None)
     assert p.returncode == 0 and line, (
         f"compile subprocess failed (rc={p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")

@@ -7,14 +7,26 @@ import os
 import subprocess
 import sys
 
+import background
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+# Both subprocesses start when collection ends and run beside the other tests (tests/background.py).
+BACKGROUND = {
+    "sharding_cases": background.Job(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sharding_cases.py"],
+        ENV, ROOT, lambda item: item.name == "test_sharding_cases_on_8_host_devices"),
+    # impl="reference": the chunked backward would take most of a minute to compile here
+    "sharded_example": background.Job(
+        [sys.executable, "examples/sharded_training.py", "--steps", "2", "--impl", "reference"],
+        ENV, ROOT, lambda item: item.name == "test_sharded_training_example"),
+}
+
+
+def _run(key: str, timeout: int) -> subprocess.CompletedProcess:
+    return background.result(key, BACKGROUND[key], timeout)
 
 
 def _check(proc: subprocess.CompletedProcess) -> None:
@@ -23,7 +35,7 @@ def _check(proc: subprocess.CompletedProcess) -> None:
 
 
 def test_sharding_cases_on_8_host_devices():
-    proc = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sharding_cases.py"], 900)
+    proc = _run("sharding_cases", 900)
     _check(proc)
     # no skips or deselections presented as passes
     summary = proc.stdout.strip().splitlines()[-1]
@@ -31,7 +43,6 @@ def test_sharding_cases_on_8_host_devices():
 
 
 def test_sharded_training_example():
-    # impl="reference": the chunked backward would take most of a minute to compile here
-    proc = _run(["examples/sharded_training.py", "--steps", "2", "--impl", "reference"], 600)
+    proc = _run("sharded_example", 600)
     _check(proc)
     assert "loss" in proc.stdout, proc.stdout
