@@ -114,6 +114,27 @@ def _to_kv(cfg: _Config, x):
     return jnp.swapaxes(x, -1, -2) if (x is not None and cfg.state_layout == "vk") else x
 
 
+def _gather_slots(pool, idx):
+    """The pool slots of the sequences (`pool[idx]`), zeros for padding entries (-1)."""
+    valid = (idx >= 0)[:, None, None, None]
+    return jnp.where(valid, jnp.take(pool, jnp.maximum(idx, 0), axis=0), 0.0)
+
+
+def _scatter_slots(pool, idx, states):
+    """`pool` with slot `idx[n]` set to `states[n]`; padding entries (-1) write nothing."""
+    return pool.at[jnp.where(idx >= 0, idx, pool.shape[0])].set(states, mode="drop")
+
+
+def _zero_padding_tokens(x, idx, cu):
+    """x `[B, T, ...]` with the tokens of padding sequences (idx == -1) set to zero."""
+    valid = idx >= 0
+    if cu is None:
+        mask = valid[:, None, None, None]
+    else:  # per packed token: the validity of its sequence
+        mask = valid[token_table(cu, x.shape[1]).seq][None, :, None, None]
+    return jnp.where(mask, x, jnp.zeros((), x.dtype))
+
+
 def _pooled(cfg: _Config, fn):
     """Wraps fn(q, k, v, g, beta, h0, cu) -> (o, ht, snaps), all per sequence and in the
     caller's layout, to read and write a state pool: gather the indexed slots, run, scatter the
@@ -123,20 +144,10 @@ def _pooled(cfg: _Config, fn):
     def run(q, k, v, g, beta, h0, cu, idx):
         if not cfg.pool:
             return fn(q, k, v, g, beta, h0, cu)
-        P = h0.shape[0]
-        valid = idx >= 0
-        mask4 = valid[:, None, None, None]
-        h0_seq = jnp.where(mask4, jnp.take(h0, jnp.maximum(idx, 0), axis=0), 0.0)
-        o, ht, snaps = fn(q, k, v, g, beta, h0_seq, cu)
-        if cu is None:
-            o_valid = valid[:, None, None, None]
-        else:  # per packed token: the validity of its sequence
-            o_valid = valid[token_table(cu, q.shape[1]).seq][None, :, None, None]
-        o = jnp.where(o_valid, o, jnp.zeros((), o.dtype))
-        pool = h0.at[jnp.where(valid, idx, P)].set(ht, mode="drop")
+        o, ht, snaps = fn(q, k, v, g, beta, _gather_slots(h0, idx), cu)
         if snaps is not None:
-            snaps = jnp.where(valid[:, None, None, None, None], snaps, 0.0)
-        return o, pool, snaps
+            snaps = jnp.where((idx >= 0)[:, None, None, None, None], snaps, 0.0)
+        return _zero_padding_tokens(o, idx, cu), _scatter_slots(h0, idx, ht), snaps
 
     return run
 
@@ -224,23 +235,15 @@ def _pallas_backward(cfg: _Config, inputs, h0, cu, idx, cotangents):
     do, dht, _ = cotangents
     pool = h0 if cfg.pool else None
     if cfg.pool:  # per-sequence states and their cotangents from the pool
-        valid = (idx >= 0)[:, None, None, None]
-        h0 = jnp.where(valid, jnp.take(pool, jnp.maximum(idx, 0), axis=0), 0.0)
-        dht = jnp.where(valid, jnp.take(dht, jnp.maximum(idx, 0), axis=0), 0.0)
-        if cu is None:
-            do = jnp.where(valid, do, jnp.zeros((), do.dtype))
-        else:
-            seq_valid = (idx >= 0)[token_table(cu, do.shape[1]).seq]
-            do = jnp.where(seq_valid[None, :, None, None], do, jnp.zeros((), do.dtype))
+        h0, dht = _gather_slots(pool, idx), _gather_slots(dht, idx)
+        do = _zero_padding_tokens(do, idx, cu)
     h0, dht = _to_kv(cfg, h0), _to_kv(cfg, dht)
     *grads, dh0 = chunked_backward(*inputs, h0, do, dht, scale=cfg.scale,
                                    use_qk_l2norm=cfg.use_qk_l2norm, interpret=cfg.interpret,
                                    **_varlen_kwargs(cu, impl="chunked"))
     dh0 = _to_kv(cfg, dh0)
     if cfg.pool:
-        P = pool.shape[0]
-        dpool = cotangents[1].at[jnp.where(idx >= 0, idx, P)].set(dh0, mode="drop")
-        return (*grads, dpool)
+        return (*grads, _scatter_slots(cotangents[1], idx, dh0))
     return (*grads, dh0)
 
 
@@ -288,8 +291,7 @@ def _empty_call(q, v, initial_state, cu_seqlens, state_indices, dims, *, output_
     if initial_state is None:
         per_seq = jnp.zeros(shape, jnp.float32)
     elif state_indices is not None:
-        valid = (state_indices >= 0)[:, None, None, None]
-        per_seq = jnp.where(valid, jnp.take(initial_state, jnp.maximum(state_indices, 0), axis=0), 0.0)
+        per_seq = _gather_slots(initial_state, state_indices)
     else:
         per_seq = initial_state
     ht = None
