@@ -26,7 +26,7 @@ CHUNK = 64
 
 
 def chunked_flops_per_token(K: int, V: int, C: int = CHUNK) -> float:
-    """Multiply-adds x 2 per token and head of the chunked forward (SPEC section 5, GDA):
+    """Multiply-adds x 2 per token and head of the chunked forward (docs/spec.md section 5, GDA):
     A = beta K K^T, the triangular solve (C^3/3 per chunk), W = Tm(..K), U = Tm(..V), W S,
     Q S, Q K^T, (Q K^T) Vn and the state update."""
     per_chunk = (2 * C * C * K + C ** 3 / 3 + 2 * C * C * K + 2 * C * C * V + 2 * C * K * V

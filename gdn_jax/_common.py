@@ -21,7 +21,7 @@ BACKENDS = ("auto", "xla", "pallas")
 INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 # exp() of anything below this underflows to 0 in float32; clamping keeps every
-# gate finite (SPEC section 1 allows it) without changing any result.
+# gate finite (docs/spec.md section 1) without changing any result.
 G_MIN = -104.0
 L2NORM_EPS = 1e-6
 
@@ -76,7 +76,7 @@ def _check_index_array(name: str, x, length_hint: str) -> None:
 
 def check_varlen(B: int, T: int, cu_seqlens, state_indices, num_snapshots,
                  output_final_state) -> int:
-    """Checks cu_seqlens, state_indices and num_snapshots (docs/varlen_semantics.md); returns N.
+    """Checks cu_seqlens, state_indices and num_snapshots (docs/spec.md 2.3-2.5); returns N.
 
     Shapes and dtypes are checked at trace time; values (cu_seqlens monotone from 0 to T,
     indices in range and distinct) only when the arrays are concrete.

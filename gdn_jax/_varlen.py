@@ -94,7 +94,7 @@ def run_tokens(step, S0, xs, *, cu_seqlens=None, num_snapshots: int = 0):
     step(S [B, ...], x_t) -> (S, o_t): one token for a batch of states (x_t: the xs sliced at
     one token, each `[B, ...]`). S0: the initial states `[N, ...]` (N = B without cu_seqlens).
     xs: tuple of `[B, T, ...]` arrays. Returns (o [B, T, ...], final [N, ...], snapshots
-    `[N, ns, ...]` or None), snapshots as in docs/varlen_semantics.md.
+    `[N, ns, ...]` or None), snapshots as in docs/spec.md section 2.5.
     """
     T = xs[0].shape[1]
     ns = int(num_snapshots)

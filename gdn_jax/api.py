@@ -322,7 +322,7 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
       use_qk_l2norm_in_kernel: l2-normalise q and k over K first (float32, eps 1e-6).
       cu_seqlens: int32 `[N + 1]` offsets of N sequences packed along T (B must be 1): each
         starts from its own initial state, nothing crosses a boundary. May be traced (one
-        compiled program per T and N). See docs/varlen_semantics.md.
+        compiled program per T and N). See docs/spec.md section 2.3.
       state_indices: int32 `[N]`: sequence n reads and writes pool slot `state_indices[n]`
         of `initial_state`; -1 marks a padding entry (skipped, zero outputs). The updated pool
         is returned as final_state (needs `output_final_state=True`); other slots are left

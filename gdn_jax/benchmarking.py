@@ -43,7 +43,7 @@ def make_inputs(shape: Shape, dtype=jnp.float32, seed: int = 0, with_state: bool
 
 
 def yardstick_scan(q, k, v, g, beta, h0, *, scale: float):
-    """The fixed yardstick of the issue: a plain `lax.scan` with q/k repeated to Hv heads.
+    """The fixed yardstick of the benchmarks: a plain `lax.scan` with q/k repeated to Hv heads.
 
     Kept exactly so (decay, einsum S.k, rank-1 update, einsum S.q) so that ratios against it
     mean the same thing from run to run. GDA only.

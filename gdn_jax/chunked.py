@@ -1,4 +1,4 @@
-"""Plain-XLA chunk-parallel gated delta net (SPEC section 5): one lax.scan over 64-token chunks
+"""Plain-XLA chunk-parallel gated delta net (docs/spec.md section 5): one lax.scan over 64-token chunks
 whose body does all the work of a chunk for all heads, so XLA's dots stay small and cache-resident."""
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _solve_unit_lower(a, x, bs=SUB):
 
 
 def _pairs(xs, k, G):
-    """Strictly-lower pairwise terms sum_d xs_xid k_jd exp(G_id - G_jd), i > j (SPEC section 5).
+    """Strictly-lower pairwise terms sum_d xs_xid k_jd exp(G_id - G_jd), i > j (docs/spec.md section 5).
 
     xs: [..., 2, n, K] (rows: k and q), k, G: [..., n, K]; returns [..., 2, n, n]. Sub-blocks
     a > b of SUB tokens are one dot of xs_i exp(G_i - G_r) with k_j exp(G_r - G_j) through the

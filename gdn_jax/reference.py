@@ -14,13 +14,13 @@ from ._varlen import run_tokens
 def reference_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
                               use_qk_l2norm: bool = False, cu_seqlens=None,
                               num_snapshots: int = 0):
-    """Runs SPEC section 1 literally, one token at a time.
+    """Runs the recurrence of docs/spec.md section 1 literally, one token at a time.
 
     Args: canonical arrays (see `gdn_jax._common`); `initial_state` is `[N, Hv, K, V]`
     float32 (N = B, or the number of packed sequences with `cu_seqlens`, B == 1).
     Returns `(o [B, T, Hv, V] in q.dtype, final_state [N, Hv, K, V] float32)`, plus
     snapshots `[N, num_snapshots, Hv, K, V]` when `num_snapshots > 0`
-    (docs/varlen_semantics.md).
+    (docs/spec.md section 2.5).
     """
     out_dtype = q.dtype
     q, k, v, g, beta = prepare(q, k, v, g, beta, use_qk_l2norm=use_qk_l2norm)

@@ -3,13 +3,13 @@
 The small-T path (decode, speculative verification, short chunks): every program owns the
 state tile of one (sequence n, value head h, block of BV value columns), loads it once,
 loops over the T tokens with the tile held in registers, and stores it once. Reads and
-writes of the state are therefore `2 * N * Hv * K * V * 4` bytes per call (SPEC 6.2).
+writes of the state are therefore `2 * N * Hv * K * V * 4` bytes per call (docs/spec.md 6.2).
 
 Grid: `(N, Hv, V // BV)`, all parallel. Value head h reads q/k head `h // (Hv // Hk)`
 through the BlockSpec index map (no repeated q/k). The value axis is split over programs
-(BV columns each) so that K = V = 128 fits in registers without spills (SPEC 6.4).
+(BV columns each) so that K = V = 128 fits in registers without spills (docs/spec.md 6.4).
 
-State layout (SPEC 6.3). The kernel computes on a `[BV, K]` tile: K is the fastest axis, so
+State layout (docs/spec.md 6.3). The kernel computes on a `[BV, K]` tile: K is the fastest axis, so
 the two matvecs per token (`S^T k`, `S^T q`, sums over K) reduce inside a warp (butterfly
 shuffles) and the rank-1 update broadcasts along it.
 
@@ -26,7 +26,7 @@ shuffles) and the rank-1 update broadcasts along it.
 No `dot` is used: at one token per step the matvecs are multiply-and-reduce in float32,
 exact on the GPU as in interpret mode (there is no TF32 path to guard against).
 
-Packed sequences, state pools, snapshots (issue 6; semantics in docs/varlen_semantics.md).
+Packed sequences, state pools, snapshots (semantics: docs/spec.md sections 2.3-2.5).
 The Triton backend has no scalar prefetch, so data-dependent addressing happens inside the
 kernel, not in index maps:
 
@@ -189,9 +189,9 @@ def _kernel(*refs, T, scale, use_qk_l2norm, kda, has_h0, store_ht, layout, prefe
         return S.T if layout == "kv" else S
 
     # This program's tokens [bos, eos). Without cu_seqlens they are the static [0, T) and every
-    # loop below has static bounds (scf.for with constants, as before this feature existed).
+    # loop below has static bounds (scf.for with constants).
     # Traced bounds are clamped into [0, T] so bad traced cu_seqlens can never address
-    # memory outside q/k/v/o (SPEC: undefined results, no crash).
+    # memory outside q/k/v/o (docs/spec.md 4.5: undefined results, no crash).
     n = pl.program_id(0)
     if varlen:
         bos = jnp.clip(cu_ref[n], 0, T)
@@ -293,7 +293,7 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
     or None (zeros; no state is read). N = B, or the number of sequences with `cu_seqlens`.
     Returns `(o [B, T, Hv, V] in q.dtype, final_state)`, final_state float32 `[N, ...]` in
     `state_layout`, or None when `output_final_state` is False; with `num_snapshots` > 0,
-    `(o, final_state, snapshots)`. Semantics: docs/varlen_semantics.md.
+    `(o, final_state, snapshots)`. Semantics: docs/spec.md sections 2.3-2.5.
 
     cu_seqlens: int `[N + 1]` (B == 1; may be traced: one program per (T, N)). Program n runs
     tokens `cu[n] .. cu[n+1]-1` from sequence n's own initial state. Bounds are clamped into

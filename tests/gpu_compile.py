@@ -1,6 +1,6 @@
 """Lower Pallas Triton kernels for CUDA and compile them for a compile-only H100, no GPU needed.
 
-A small project-own version of /work/shared/tools/gpu_check. Needs jax-cuda12-plugin and
+Self-contained (the tests need no tool from outside the repository). Needs jax-cuda12-plugin and
 jax-cuda12-pjrt (same version as jax) and a `ptxas` (PATH, /usr/local/cuda*/bin or $PTXAS).
 
     python tests/gpu_compile.py            # compiles the recurrent and chunked kernel sets, prints JSON
@@ -241,7 +241,7 @@ def _recurrent_cases():
               case(f32, True, "vk", B=2, T=8, Hv=4, Hk=4, K=256, V=256),
               case(jnp.bfloat16, False, "kv", B=2, T=8, Hv=4, Hk=2, K=16, V=16),
               case(f32, True, "kv", B=2, T=8, Hv=8, Hk=2, K=64, V=256)]
-    # Issue 6: packed sequences + state pool (32 sequences, 128 tokens, 64 slots), snapshots
+    # Packed sequences + state pool (32 sequences, 128 tokens, 64 slots), snapshots
     # (speculative decoding: the states after each of the last 4 tokens), and all of them at once.
     cases += [case(jnp.bfloat16, False, "kv", T=128, varlen=True, pool=64),
               case(jnp.bfloat16, True, "vk", T=8, ns=4),

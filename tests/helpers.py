@@ -21,7 +21,7 @@ GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 L2NORM_EPS = 1e-6  # the op's l2norm: x * rsqrt(sum(x**2) + 1e-6)
 G_MIN = -104.0  # every path clamps g to this (exp underflows to 0 below it in float32)
 
-# SPEC section 4: relative errors per path and input dtype (outputs, gradients). float32
+# docs/spec.md section 4.2: relative errors per path and input dtype (outputs, gradients). float32
 # inputs compare against float64 numpy (or the float32 reference at HIGHEST precision);
 # bf16 / f16 inputs compare against the float32 reference on the same rounded inputs,
 # whatever the path.
@@ -267,7 +267,7 @@ def _segments(B, T, cu_seqlens):
 
 
 def numpy_reference(q, k, v, g, beta, h0=None, *, scale=None, l2norm=False, cu_seqlens=None):
-    """The recurrence of SPEC section 1 in float64 numpy: (o, final states).
+    """The recurrence of docs/spec.md section 1 in float64 numpy: (o, final states).
 
     With cu_seqlens (B = 1), h0 and the returned states hold one state per sequence.
     """

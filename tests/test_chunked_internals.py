@@ -68,7 +68,8 @@ def _assert_all_close(res, tol):
 
 
 # Shared shapes (one compilation each): two chunks, ragged (front-padded), grouped heads
-# Hv = 2 Hk (with KDA this is the shape that crashed XLA's YNN fusion in an earlier version).
+# Hv = 2 Hk (with KDA this shape crashes XLA's YNN fusion in jaxlib 0.10.2 when a factor is broadcast
+# over the row-kind axis: docs/xla_chunked_notes.md, item 4).
 KDA_SHAPE = dict(T=80, Hk=2, Hv=4, K=16, V=16, kda=True)
 GDA_SHAPE = dict(T=80, Hk=2, Hv=4, K=16, V=8, kda=False)
 

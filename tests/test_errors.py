@@ -1,4 +1,4 @@
-"""Bad input raises a clear error at trace time, naming the argument (SPEC section 4)."""
+"""Bad input raises a clear error at trace time, naming the argument (docs/spec.md section 4.5)."""
 from __future__ import annotations
 
 import jax

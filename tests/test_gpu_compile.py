@@ -136,7 +136,7 @@ def test_donated_state_is_updated_in_place(compile_report):
 
 
 def test_varlen_pool_and_snapshot_kernels(compile_report):
-    """Issue 6 variants at K = V = 128, bf16: packed sequences + state pool, snapshots, and both.
+    """Packed sequences + state pool, snapshots, and both, at K = V = 128, bf16.
     One kernel, sm_90a, no spills; a donated pool is the kernel's output (aliased, no copy)."""
     cases = [c for c in _recurrent(compile_report) if " varlen" in c["case"] or " snap" in c["case"]]
     assert len(cases) == 3, [c["case"] for c in cases]

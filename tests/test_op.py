@@ -12,7 +12,7 @@ from gdn_jax import RECURRENT_MAX_T, gated_delta_net, reference_gated_delta_net
 from gdn_jax.api import RECURRENT_BWD_MAX_T
 from helpers import Case, make_inputs, numpy_reference, pairwise, rel_err, tolerance, vjp_all
 
-# Every value of every axis of the issue, combined pairwise (not as a full product).
+# Every value of every axis below, combined pairwise (not as a full product).
 AXES = {
     "kda": [False, True],
     "group": [1, 2, 4],

@@ -14,7 +14,7 @@ from gdn_jax.kernels import chunked
 from gdn_jax.reference import reference_gated_delta_net
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
-# SPEC section 4, chunked paths: (outputs, gradients)
+# docs/spec.md section 4.2, chunked paths: (outputs, gradients)
 TOL = {jnp.dtype(F32): (1e-4, 1e-4), jnp.dtype(BF16): (1e-2, 2e-2), jnp.dtype(F16): (5e-3, 1e-2)}
 GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 

@@ -2,7 +2,7 @@
 
 Interpret mode on the CPU, against the float64 numpy recurrence (`helpers.numpy_reference`)
 run separately on each sequence's slice of tokens; snapshots against separate calls truncated
-after each token. Semantics: docs/varlen_semantics.md. Every numeric test asserts that
+after each token. Semantics: docs/spec.md sections 2.3-2.5. Every numeric test asserts that
 `pallas_call` is in the traced program. Shapes stay tiny (interpret mode copies whole blocks,
 including the whole pool, at every grid step).
 """

@@ -85,7 +85,7 @@ def test_extreme_gates_stay_finite(kda, impl):
 
 @pytest.mark.parametrize("kda", [False, True])
 def test_strong_decay_gradients_are_accurate(kda):
-    """g = -20 per token: dg is tiny and must not drown in cancellation (SPEC section 4)."""
+    """g = -20 per token: dg is tiny and must not drown in cancellation (docs/spec.md section 4.4)."""
     case = Case(kda=kda, T=100, K=16, V=16, h0=True, l2norm=True)
     args, h0 = make_inputs(case)
     args = args[:3] + (jnp.full_like(args[3], -20.0),) + args[4:]
