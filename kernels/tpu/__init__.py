@@ -1,0 +1,1 @@
+"""Mosaic TPU Pallas kernels: recurrent/decode (`recurrent`), chunked forward and backward."""
