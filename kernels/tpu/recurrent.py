@@ -142,11 +142,13 @@ def _kernel(cu_ref, idx_ref, *refs, T_total, group, scale, l2, kda, layout, has_
     n = pl.program_id(0)
     bos = jnp.clip(cu_ref[n], 0, T_total)
     eos = jnp.clip(cu_ref[n + 1], bos, T_total)
-    raw = idx_ref[n]
-    P = h0_hbm.shape[0] if has_h0 else 1
-    valid = (raw >= 0) & (raw < P)
-    slot = jnp.where(valid, raw, 0)
-    hi = jnp.where(valid, eos, bos)  # end of the tokens that run (bos for padding)
+    if pool:
+        raw = idx_ref[n]
+        valid = (raw >= 0) & (raw < h0_hbm.shape[0])
+        slot = jnp.where(valid, raw, 0)
+        hi = jnp.where(valid, eos, bos)  # end of the tokens that run (bos for padding)
+    else:
+        valid, slot, hi = jnp.bool_(True), n, eos
 
     if has_h0:
         @pl.when(valid)
