@@ -56,15 +56,21 @@ def num_aligned_chunks(T: int, N: int, C: int) -> int:
     return max(1, (T + N * (C - 1)) // C)
 
 
+def _sequence_chunks(cu: jax.Array, C: int):
+    """(lens, nch, start, end) per sequence: sequence n owns aligned chunks start_n .. end_n - 1,
+    nch_n = ceil(L_n / C) of them, in order (the one definition of the aligned layout)."""
+    lens = cu[1:] - cu[:-1]
+    nch = jnp.maximum(lens + C - 1, 0) // C
+    end = jnp.cumsum(nch).astype(jnp.int32)        # exclusive end chunk of each sequence
+    return lens, nch, end - nch, end
+
+
 def chunk_layout(cu_seqlens: jax.Array, T: int, C: int) -> ChunkLayout:
     cu = cu_seqlens.astype(jnp.int32)
     N = cu.shape[0] - 1
     NC = num_aligned_chunks(T, N, C)
     tok = token_table(cu, T)
-    lens = tok.lens
-    nch = (lens + C - 1) // C
-    end = jnp.cumsum(nch).astype(jnp.int32)        # exclusive end chunk of each sequence
-    start = end - nch
+    lens, nch, start, end = _sequence_chunks(cu, C)
     dst = start[tok.seq] * C + tok.pos
     src = jnp.full((NC * C,), -1, jnp.int32).at[dst].set(jnp.arange(T, dtype=jnp.int32))
     c = jnp.arange(NC, dtype=jnp.int32)
@@ -72,6 +78,51 @@ def chunk_layout(cu_seqlens: jax.Array, T: int, C: int) -> ChunkLayout:
     first = c == jnp.concatenate([start, jnp.full((1,), -1, jnp.int32)])[chunk_seq]
     last_chunk = jnp.where(nch > 0, end - 1, -1)
     return ChunkLayout(NC, C, src, dst, chunk_seq, first, last_chunk, lens)
+
+
+TAB_T0, TAB_END, TAB_SEQ, TAB_FLAGS = range(4)   # columns of `ChunkTables.ctab`
+FIRST, LAST = 1, 2                                # flag bits: chunk starts / ends its sequence
+
+
+class ChunkTables(NamedTuple):
+    """The chunk-aligned layout as the chunked kernels read it: per aligned chunk its packed rows,
+    with no aligned copy of the tokens."""
+    ctab: jax.Array     # [NC, 4] int32: (t0, end, sequence, flags) per aligned chunk
+    nused: jax.Array    # [1] int32: chunks in use (sum of ceil(L_n / C)); the rest are empty
+    empty: jax.Array    # [N] int32: 1 for a length-0 sequence (it owns no chunk)
+    num_chunks: int     # NC, static: `num_aligned_chunks(T, N, C)`
+    num_seqs: int       # N
+
+
+def chunk_tables(cu_seqlens: jax.Array, T: int, C: int) -> ChunkTables:
+    """`chunk_layout`'s aligned layout as per-chunk tables: chunk c (owned by sequence n) is the
+    packed rows [t0, end) with t0 = cu[n] + (c - start_n) * C and end = min(t0 + C, cu[n + 1]).
+
+    The ownership of each chunk is a broadcast compare over [NC, N] and row reductions (no
+    searchsorted, no scatter), so XLA builds it in a few small fusions. Unused trailing chunks
+    (c >= nused) get t0 = end = 0, sequence 0 and no flags. Rows are clipped to [0, T] and nused
+    to NC, so a traced cu_seqlens with bad values gives undefined results but never an
+    out-of-bounds row.
+    """
+    cu = jnp.asarray(cu_seqlens).astype(jnp.int32)
+    N = cu.shape[0] - 1
+    NC = num_aligned_chunks(T, N, C)
+    lens, nch, startc, endc = _sequence_chunks(cu, C)
+    c = jnp.arange(NC, dtype=jnp.int32)[:, None]
+    own = (startc[None, :] <= c) & (c < endc[None, :])   # [NC, N]: at most one owner per chunk
+
+    def pick(x):
+        return jnp.sum(jnp.where(own, x, 0), axis=1)
+
+    used = jnp.any(own, axis=1)
+    seq = pick(jnp.arange(N, dtype=jnp.int32)[None, :])
+    t0 = jnp.clip(pick(cu[None, :-1] + (c - startc[None, :]) * C), 0, T)
+    end = jnp.clip(jnp.minimum(t0 + C, pick(cu[None, 1:])), t0, T)
+    flags = pick(jnp.where(c == startc[None, :], FIRST, 0)
+                 + jnp.where(c == endc[None, :] - 1, LAST, 0))
+    ctab = jnp.stack([jnp.where(used, t0, 0), jnp.where(used, end, 0), seq, flags], axis=1)
+    nused = jnp.clip(jnp.sum(nch), 0, NC).astype(jnp.int32).reshape(1)
+    return ChunkTables(ctab.astype(jnp.int32), nused, (lens == 0).astype(jnp.int32), NC, N)
 
 
 def to_aligned(x: jax.Array, layout: ChunkLayout, axis: int = 1) -> jax.Array:

@@ -51,8 +51,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .._common import G_MIN, INPUT_DTYPES, L2NORM_EPS
+from .._common import G_MIN, L2NORM_EPS
 from . import _platform
+from ._checks import (check_cu_seqlens, check_inputs, check_state_dtype, is_int_dtype,
+                      pow2)
 
 __all__ = ["supports", "fused_recurrent", "choose_config", "STATE_LAYOUTS", "NATIVE_STATE_LAYOUT"]
 
@@ -65,14 +67,6 @@ MIN_HEAD, MAX_HEAD = 16, 256
 _MAX_TILE = 2048
 # Programs wanted at least, for latency hiding on 132 SMs; BV shrinks (down to 8) to reach it.
 _MIN_PROGRAMS = 264
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def _is_int_dtype(x) -> bool:
-    return jnp.issubdtype(jnp.dtype(x.dtype), jnp.integer)
 
 
 def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv",
@@ -89,26 +83,14 @@ def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv",
     """
     if state_layout not in STATE_LAYOUTS:
         return f"state_layout={state_layout!r} is not one of {STATE_LAYOUTS}"
-    if getattr(q, "ndim", None) != 4 or getattr(v, "ndim", None) != 4:
-        return "q, k and v must have rank 4"
+    reason = check_inputs(q, k, v, g, beta,
+                          head_ok=lambda d: MIN_HEAD <= d <= MAX_HEAD and pow2(d),
+                          head_need=f"a power of two in [{MIN_HEAD}, {MAX_HEAD}]",
+                          what="Pallas recurrent kernel")
+    if reason is not None:
+        return reason
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
-    for name, d in (("K", K), ("V", V)):
-        if not (MIN_HEAD <= d <= MAX_HEAD and _pow2(d)):
-            return (f"head size {name}={d} is not supported by the Pallas recurrent kernel "
-                    f"(needs a power of two in [{MIN_HEAD}, {MAX_HEAD}])")
-    if T < 1:
-        return f"T={T}: the kernel needs at least one token"
-    if Hk < 1 or Hv % Hk:
-        return f"Hv={Hv} is not a multiple of Hk={Hk}"
-    dt = jnp.dtype(q.dtype)
-    if dt not in INPUT_DTYPES:
-        return f"input dtype {dt} is not one of {', '.join(map(str, INPUT_DTYPES))}"
-    if jnp.dtype(k.dtype) != dt or jnp.dtype(v.dtype) != dt:
-        return "q, k and v must share one dtype"
-    for name, x in (("g", g), ("beta", beta)):
-        if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), dt):
-            return f"{name} dtype {x.dtype} is neither float32 nor q's dtype {dt}"
     if tuple(g.shape) not in ((B, T, Hv), (B, T, Hv, K)):
         return f"g shape {tuple(g.shape)} is neither [B, T, Hv] nor [B, T, Hv, K]"
     if (isinstance(num_snapshots, bool) or not isinstance(num_snapshots, numbers.Integral)
@@ -116,19 +98,15 @@ def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv",
         return f"num_snapshots={num_snapshots!r} is not a Python int >= 0"
     N = B
     if cu_seqlens is not None:
-        if getattr(cu_seqlens, "ndim", None) != 1 or cu_seqlens.shape[0] < 2:
-            return (f"cu_seqlens shape {tuple(getattr(cu_seqlens, 'shape', ()))} is not [N + 1] "
-                    f"with N >= 1")
-        if not _is_int_dtype(cu_seqlens):
-            return f"cu_seqlens dtype {cu_seqlens.dtype} is not an integer dtype"
-        if B != 1:
-            return f"cu_seqlens needs B == 1 (the sequences are packed along T), got B={B}"
+        reason = check_cu_seqlens(cu_seqlens, B, int32_only=False)
+        if reason is not None:
+            return reason
         N = cu_seqlens.shape[0] - 1
     if state_indices is not None:
         if getattr(state_indices, "ndim", None) != 1 or state_indices.shape[0] != N:
             return (f"state_indices shape {tuple(getattr(state_indices, 'shape', ()))} is not "
                     f"[N] = [{N}]")
-        if not _is_int_dtype(state_indices):
+        if not is_int_dtype(state_indices):
             return f"state_indices dtype {state_indices.dtype} is not an integer dtype"
         if initial_state is None:
             return "state_indices needs initial_state (the state pool [P, Hv, ...])"
@@ -142,8 +120,7 @@ def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv",
                     f"{state_layout!r} layout {shown}")
         if lead < 1:
             return "the state pool has no slots (P = 0)"
-        if jnp.dtype(initial_state.dtype) != jnp.dtype(jnp.float32):
-            return f"initial_state must be float32, got {initial_state.dtype}"
+        return check_state_dtype(initial_state)
     return None
 
 
@@ -161,7 +138,7 @@ def choose_config(B: int, Hv: int, K: int, V: int, block_v: int | None = None):
             bv //= 2
     else:
         bv = int(block_v)
-        if not (_pow2(bv) and bv <= V):
+        if not (pow2(bv) and bv <= V):
             raise ValueError(f"block_v={block_v} must be a power of two <= V={V}")
     tile = bv * K
     num_warps = 4 if tile >= 2048 else 2 if tile >= 1024 else 1

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdn_jax._varlen import chunk_layout
+from gdn_jax._varlen import FIRST, LAST, chunk_layout, chunk_tables
 from gdn_jax.kernels import chunked
+from gdn_jax.lowering import lower
 from gdn_jax.reference import reference_gated_delta_net
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -256,7 +257,7 @@ def test_chunk_tables_describe_the_shared_layout():
     for lens in [(0, 1, 37, 64, 130, 0, 5), (65, 63, 128, 1, 0, 0, 0)]:   # T = 237, N = 7
         T = int(sum(lens))
         cu = jnp.asarray(cu_of(lens))
-        tabs = jax.jit(chunked.chunk_tables, static_argnums=1)(cu, T)
+        tabs = jax.jit(chunk_tables, static_argnums=(1, 2))(cu, T, C)
         lay = jax.jit(chunk_layout, static_argnums=(1, 2))(cu, T, C)
         assert tabs.num_chunks == lay.num_chunks and tabs.num_seqs == len(lens)
         ctab = np.asarray(tabs.ctab)
@@ -273,8 +274,8 @@ def test_chunk_tables_describe_the_shared_layout():
             real = src[c][src[c] >= 0]
             assert t0 == real[0] and end == real[-1] + 1 and len(real) == end - t0
             assert seq == int(lay.chunk_seq[c])
-            assert bool(flags & chunked.FIRST) == bool(lay.first[c])
-            assert bool(flags & chunked.LAST) == (c == int(lay.last_chunk[seq]))
+            assert bool(flags & FIRST) == bool(lay.first[c])
+            assert bool(flags & LAST) == (c == int(lay.last_chunk[seq]))
         np.testing.assert_array_equal(np.asarray(tabs.empty), np.asarray(lens) == 0)
 
 
@@ -323,10 +324,10 @@ def test_varlen_lowers_for_cuda_without_a_gpu():
     cu = S((6,), jnp.int32)
     fwd = jax.jit(lambda cu, *a: chunked.chunked_forward(*a, scale=0.1, use_qk_l2norm=True,
                                                          cu_seqlens=cu))
-    lowered = fwd.trace(cu, *args).lower(lowering_platforms=("cuda",))
+    lowered = lower(fwd, cu, *args, platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2
     bwd = jax.jit(lambda cu, *a: chunked.chunked_backward(*a, scale=0.1, use_qk_l2norm=True,
                                                           cu_seqlens=cu))
-    lowered = bwd.trace(cu, *args, S((1, 300, 4, 64), BF16), S((5, 4, 64, 64), F32)).lower(
-        lowering_platforms=("cuda",))
+    lowered = lower(bwd, cu, *args, S((1, 300, 4, 64), BF16), S((5, 4, 64, 64), F32),
+                    platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 4

@@ -1,0 +1,202 @@
+"""In-kernel building blocks of the chunked kernels (Triton-lowerable: 2-D dots, elementwise,
+reductions, power-of-two splits), their BlockSpecs and the tile choice, shared by every stage."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from .._common import G_MIN, L2NORM_EPS
+
+CHUNK = 64
+SUB = 16
+HIGHEST = jax.lax.Precision.HIGHEST
+F32 = jnp.float32
+
+
+def choose_block_v(B: int, Hv: int, V: int, K: int) -> int:
+    """Value columns per program of the sequential kernels: 32 at K <= 128 (state tile
+    [K, 32] float32 = 16 KiB; smaller tiles leave registers for the chunk's operands), 16 at
+    K = 256; never more than V."""
+    return min(V, 32 if K <= 128 else 16)
+
+
+def _dot(a, b, *, ta=False, tb=False, lp=None):
+    """a @ b (a^T if ta, b^T if tb) with float32 accumulation.
+
+    lp: None -> float32 operands at full precision (HIGHEST, IEEE in Triton); a 16-bit dtype ->
+    both operands cast to it (tensor cores), float32 accumulation.
+    """
+    if lp is None:
+        a, b, prec = a.astype(F32), b.astype(F32), HIGHEST
+    else:
+        a, b, prec = a.astype(lp), b.astype(lp), None
+    dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=F32)
+
+
+def _iota(n, m, axis):
+    return jax.lax.broadcasted_iota(jnp.int32, (n, m), axis)
+
+
+def _split2(x, axis):
+    return jnp.split(x, 2, axis=axis)
+
+
+def _cat2(x, y, axis):
+    """Concatenation of two equal blocks along axis 0 or 1 (stack on a new last axis, move it)."""
+    s = jnp.stack([x, y], axis=-1)  # [m, n, 2]
+    if axis == 0:
+        s = jnp.transpose(s, (2, 0, 1))
+        return s.reshape(2 * x.shape[0], x.shape[1])
+    s = jnp.transpose(s, (0, 2, 1))
+    return s.reshape(x.shape[0], 2 * x.shape[1])
+
+
+def _inv_unit_lower(A):
+    """(I + A)^-1 for strictly lower A [n, n] (n a power of two >= 16), float32.
+
+    n <= 16: doubling over the block diagonal, T_2s = T_s - T_s E_s T_s (E_s: the
+    s-blocks just below the diagonal inside 2s-blocks; exact because (T_s E_s)^2 = 0).
+    n > 16: recursive 2 x 2 block inversion [[T11, 0], [-T22 A21 T11, T22]].
+    Both are block forward substitution: no large intermediate powers of A.
+    """
+    n = A.shape[0]
+    if n <= SUB:
+        i, j = _iota(n, n, 0), _iota(n, n, 1)
+        Tm = jnp.where(i == j, 1.0, jnp.where(i // 2 == j // 2, -A, 0.0))
+        s = 2
+        while s < n:
+            E = jnp.where((i // (2 * s) == j // (2 * s)) & (i // s != j // s), A, 0.0)
+            Tm = Tm - _dot(Tm, _dot(E, Tm))
+            s *= 2
+        return Tm
+    top, bot = _split2(A, 0)
+    A11, _ = _split2(top, 1)
+    A21, A22 = _split2(bot, 1)
+    T11 = _inv_unit_lower(A11)
+    T22 = _inv_unit_lower(A22)
+    T21 = -_dot(T22, _dot(A21, T11))
+    return _cat2(_cat2(T11, jnp.zeros_like(T11), 1), _cat2(T21, T22, 1), 0)
+
+
+def _rows(ref, t0, n, T, other=0.0):
+    """Rows t0 .. t0+n-1 of a [T, ...] ref, zeros beyond T."""
+    if len(ref.shape) == 1:
+        idx = t0 + jnp.arange(n)
+        return plt.load(ref.at[pl.ds(t0, n)], mask=idx < T, other=other)
+    idx = t0 + _iota(n, ref.shape[1], 0)
+    return plt.load(ref.at[pl.ds(t0, n), :], mask=idx < T, other=other)
+
+
+def _store_rows(ref, t0, val, T):
+    n = val.shape[0]
+    idx = t0 + _iota(n, val.shape[1], 0)
+    plt.store(ref.at[pl.ds(t0, n), :], val.astype(ref.dtype), mask=idx < T)
+
+
+def _l2n(x):
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + L2NORM_EPS)
+
+
+def _gates(g_ref, b_ref, t0, C, T):
+    """g (clamped), beta as float32 [C]; G = in-chunk cumsum; Gl = G of the last row."""
+    g = jnp.maximum(_rows(g_ref, t0, C, T).astype(F32), G_MIN)
+    beta = _rows(b_ref, t0, C, T).astype(F32)
+    G = jnp.cumsum(g)
+    return g, beta, G, _last(G)
+
+
+def _last(G):
+    """G of the chunk's last row, extracted exactly (rows beyond T have g = 0, so this is also
+    the last real row's G, bit for bit)."""
+    n = G.shape[0]
+    return jnp.sum(jnp.where(jnp.arange(n) == n - 1, G, 0.0))
+
+
+def _chunk_A(k, beta, G, lp):
+    """A = strict(beta_i (k_i.k_j) exp(G_i - G_j)) [C, C], and KK = k k^T."""
+    C = k.shape[0]
+    i, j = _iota(C, C, 0), _iota(C, C, 1)
+    KK = _dot(k, k, tb=True, lp=lp)
+    low = i > j
+    D = jnp.where(low, jnp.exp(jnp.where(low, G[:, None] - G[None, :], 0.0)), 0.0)
+    return beta[:, None] * KK * D, KK, D
+
+
+def _row(x, r):
+    """Row r (static or traced) of x [n, m] as [m], exactly (a masked sum of one row)."""
+    return jnp.sum(jnp.where(_iota(*x.shape, 0) == r, x, 0.0), axis=0)
+
+
+def _qk_chunk(q_ref, k_ref, t0, C, T, l2, scale):
+    """(scale * q, k) of one chunk, l2-normalised first when l2; k is None when k_ref is."""
+    q = _rows(q_ref, t0, C, T).astype(F32)
+    k = None if k_ref is None else _rows(k_ref, t0, C, T).astype(F32)
+    if l2:
+        q = _l2n(q)
+        k = None if k is None else _l2n(k)
+    return q * scale, k
+
+
+def _causal_decay(G):
+    """exp(G_i - G_j) for i >= j (the diagonal is exp(0) = 1 exactly), 0 above."""
+    C = G.shape[0]
+    causal = _iota(C, C, 0) >= _iota(C, C, 1)
+    return jnp.where(causal, jnp.exp(jnp.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
+
+
+def _lp_dtype(dtype):
+    dt = jnp.dtype(dtype)
+    return None if dt == jnp.dtype(F32) else dt
+
+
+def _specs(B, T, Hk, Hv, K, V, group, bv=None):
+    """BlockSpecs over whole-T slabs for grids (n, h, x)."""
+    qk = pl.BlockSpec((None, T, None, K), lambda n, h, x: (n, 0, h // group, 0))
+    vh = pl.BlockSpec((None, T, None, V), lambda n, h, x: (n, 0, h, 0))
+    kh = pl.BlockSpec((None, T, None, K), lambda n, h, x: (n, 0, h, 0))
+    vb = pl.BlockSpec((None, T, None, bv), lambda n, h, x: (n, 0, h, x)) if bv else None
+    gb = pl.BlockSpec((None, T, None), lambda n, h, x: (n, 0, h))
+    return qk, vh, kh, vb, gb
+
+
+def _whole(x):
+    """BlockSpec of a small array read whole by every program (the chunk tables)."""
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def _table_args(tabs, chunk_only=False):
+    """(in_specs, args) of the chunk tables (none without cu_seqlens)."""
+    if tabs is None:
+        return [], []
+    xs = [tabs.ctab] if chunk_only else [tabs.ctab, tabs.nused, tabs.empty]
+    return [_whole(x) for x in xs], xs
+
+
+def _num_chunks(T, tabs):
+    return pl.cdiv(T, CHUNK) if tabs is None else tabs.num_chunks
+
+
+def _state_spec(tabs, K, bv):
+    """Initial / final state (or their gradients): [B, Hv, K, V], or [N, Hv, K, V] read whole
+    over N with cu_seqlens (a program picks its sequences' tiles by dynamic index)."""
+    if tabs is None:
+        return pl.BlockSpec((None, None, K, bv), lambda n, h, x: (n, h, 0, x))
+    return pl.BlockSpec((tabs.num_seqs, None, K, bv), lambda n, h, x: (0, h, 0, x))
+
+
+def _is_kda(g):
+    return g.ndim == 4
+
+
+def _gate_spec(g, T, K):
+    """g's BlockSpec for grids (n, h, x): [T] (GDA) or [T, K] (KDA) of value head h."""
+    if _is_kda(g):
+        return pl.BlockSpec((None, T, None, K), lambda n, h, *_: (n, 0, h, 0))
+    return pl.BlockSpec((None, T, None), lambda n, h, *_: (n, 0, h))
+
+
+def _p_spec(T):
+    return pl.BlockSpec((None, T, None, CHUNK), lambda n, h, x: (n, 0, h, 0))

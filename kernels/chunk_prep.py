@@ -1,0 +1,95 @@
+"""The WY stage (prep kernel), grid (B, Hv, NC), all parallel: per chunk G = cumsum(g),
+A = strict(beta_i k_i.k_j exp(G_i - G_j)), Tm = (I + A)^-1, W = Tm (beta exp(G) k),
+U = Tm (beta v); KDA also the causal pairwise block P (and, for the backward, A / beta)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from ._chunk_ops import (CHUNK, F32, _chunk_A, _dot, _gates, _gate_spec, _inv_unit_lower, _iota,
+                         _is_kda, _l2n, _num_chunks, _p_spec, _qk_chunk, _rows, _specs,
+                         _store_rows)
+from ._chunk_varlen import _span, _table_args
+from .chunk_kda import _kda_gates, _kda_pairs
+
+
+def _prep_kernel(*refs, T, C, l2, lp, varlen, kda=False, scale=1.0, store_a=False):
+    """GDA: W, U of one chunk. KDA: also P [C, C], the causal intra-chunk q k^T with per-key
+    decay (diagonal q_i . k_i: its decay factor is the constant 1), read by the state passes,
+    and with store_a (backward) A / beta = pairs(k, k) [C, C] float32, read by the gradient
+    kernel."""
+    ctab_ref = refs[0] if varlen else None
+    refs = refs[1:] if varlen else refs
+    a_ref = refs[-1] if store_a else None
+    refs = refs[:-1] if store_a else refs
+    if kda:
+        q_ref, k_ref, v_ref, g_ref, b_ref, w_ref, u_ref, p_ref = refs
+    else:
+        k_ref, v_ref, g_ref, b_ref, w_ref, u_ref = refs
+    t0, end = _span(ctab_ref, pl.program_id(2), C, T)
+
+    def run():
+        k = _rows(k_ref, t0, C, end).astype(F32)
+        if l2:
+            k = _l2n(k)
+        v = _rows(v_ref, t0, C, end)
+        if kda:
+            q, _ = _qk_chunk(q_ref, None, t0, C, end, l2, scale)
+            beta, G, _ = _kda_gates(g_ref, b_ref, t0, C, end)
+            Akk, Pqk = _kda_pairs([k, q], k, G, lp)
+            A = beta[:, None] * Akk
+            bK = beta[:, None] * jnp.exp(G) * k
+            ii, cc = _iota(C, C, 0), _iota(C, C, 1)
+            P = Pqk + jnp.where(ii == cc, jnp.sum(q * k, axis=1)[:, None], 0.0)
+            _store_rows(p_ref, t0, P, end)
+            if store_a:
+                _store_rows(a_ref, t0, Akk, end)
+        else:
+            _, beta, G, _ = _gates(g_ref, b_ref, t0, C, end)
+            A, _, _ = _chunk_A(k, beta, G, lp)
+            bK = (beta * jnp.exp(G))[:, None] * k
+        Tm = _inv_unit_lower(A)
+        bV = beta[:, None] * v.astype(F32)
+        _store_rows(w_ref, t0, _dot(Tm, bK, lp=lp), end)
+        _store_rows(u_ref, t0, _dot(Tm, bV, lp=lp), end)
+
+    if varlen:
+        pl.when(end > t0)(run)   # unused trailing chunks: nothing to do
+    else:
+        run()
+
+
+def _prep_call(k, v, g, beta, *, Hv, l2, lp, interpret, tabs=None, num_warps=8, q=None,
+               scale=1.0, store_a=False):
+    """(W, U) for GDA; (W, U, P) for KDA (q needed then; P [B, T, Hv, C]), and with store_a
+    (W, U, P, A / beta) (A / beta [B, T, Hv, C] float32)."""
+    B, T, Hk, K = k.shape
+    V = v.shape[-1]
+    NC = _num_chunks(T, tabs)
+    kda = _is_kda(g)
+    qk, vh, kh, _, gb = _specs(B, T, Hk, Hv, K, V, Hv // Hk)
+    wdt = lp if lp is not None else F32
+    t_specs, t_args = _table_args(tabs, chunk_only=True)
+    store_a = store_a and kda
+    kern = functools.partial(_prep_kernel, T=T, C=CHUNK, l2=l2, lp=lp, varlen=tabs is not None,
+                             kda=kda, scale=float(scale), store_a=store_a)
+    in_specs = [*t_specs, qk, vh, _gate_spec(g, T, K), gb]
+    args = [*t_args, k, v, g, beta]
+    out_specs = [kh, vh]
+    out_shape = [jax.ShapeDtypeStruct((B, T, Hv, K), wdt), jax.ShapeDtypeStruct((B, T, Hv, V), wdt)]
+    if kda:
+        in_specs.insert(len(t_specs), qk)
+        args.insert(len(t_args), q)
+        out_specs.append(pl.BlockSpec((None, T, None, CHUNK), lambda n, h, x: (n, 0, h, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((B, T, Hv, CHUNK), wdt))
+    if store_a:
+        out_specs.append(_p_spec(T))
+        out_shape.append(jax.ShapeDtypeStruct((B, T, Hv, CHUNK), F32))
+    return pl.pallas_call(
+        kern, grid=(B, Hv, NC), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret, name=f"gdn_chunk_{'kda_' if kda else ''}prep_k{K}_v{V}")(*args)
