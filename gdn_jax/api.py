@@ -180,10 +180,12 @@ def _xla_fn(cfg: _Config, impl: str):
 
 def _on_platform(cfg: _Config, pallas_fn, xla_fn):
     """Pallas for backend "pallas"; for "auto-pallas" the platform decides at lowering (Pallas
-    on CUDA, XLA elsewhere), so lowering for CUDA works on a machine without a GPU."""
+    on CUDA, XLA elsewhere): lowering for CUDA works on a machine without a GPU, and a program
+    lowered or exported for several platforms at once carries both paths."""
     if cfg.backend == "pallas":
         return pallas_fn
-    return lambda *a: jax.lax.platform_dependent(*a, cuda=pallas_fn, default=xla_fn)
+    from .kernels._platform import by_platform  # noqa: PLC0415
+    return lambda *a: by_platform(*a, cuda=pallas_fn, default=xla_fn)
 
 
 def _forward(cfg: _Config, q, k, v, g, beta, h0, cu, idx, *, alias_state: bool):
@@ -261,22 +263,19 @@ def _gdn_bwd(cfg, residuals, cotangents):
     *inputs, h0, cu, idx = residuals
     no_index_grads = (None, None)  # cu_seqlens and state_indices are integer arrays
 
-    def xla(inputs, h0, cotangents):
-        return _xla_backward(cfg, inputs, h0, cu, idx, cotangents)
-
-    def pallas(inputs, h0, cotangents):
-        return _pallas_backward(cfg, inputs, h0, cu, idx, cotangents)
-
+    xla = functools.partial(_xla_backward, cfg)
+    pallas = functools.partial(_pallas_backward, cfg)
+    args = (inputs, h0, cu, idx, cotangents)
     if cfg.backend == "xla" or cfg.num_snapshots:
-        return (*xla(inputs, h0, cotangents), *no_index_grads)
+        return (*xla(*args), *no_index_grads)
     # The forward ran on Pallas: use the Pallas chunked backward wherever it supports the call.
     from .kernels.chunked import supports  # noqa: PLC0415
     if supports(*inputs, **_varlen_kwargs(cu, impl="chunked")) is not None:
-        return (*xla(inputs, h0, cotangents), *no_index_grads)
+        return (*xla(*args), *no_index_grads)
     if cfg.backend == "pallas":
-        return (*pallas(inputs, h0, cotangents), *no_index_grads)
-    grads = jax.lax.platform_dependent(inputs, h0, cotangents, cuda=pallas, default=xla)
-    return (*grads, *no_index_grads)
+        return (*pallas(*args), *no_index_grads)
+    from .kernels._platform import by_platform  # noqa: PLC0415
+    return (*by_platform(*args, cuda=pallas, default=xla), *no_index_grads)
 
 
 _gdn.defvjp(_gdn_fwd, _gdn_bwd)
