@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from gdn_jax.kernels import chunked
+from gdn_jax.lowering import lower
 from gdn_jax.reference import reference_gated_delta_net
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
@@ -280,18 +281,15 @@ def test_cpu_lowering_without_interpret_raises_naming_backend():
 def test_lowers_for_cuda_without_a_gpu():
     """Forward and backward lower for CUDA on this CPU-only machine (4 Triton kernels + 1)."""
     args = _sds(B=1, T=200, Hk=2, Hv=4, K=64, V=64, dtype=BF16)
-    lowered = jax.jit(lambda *a: chunked.chunked_forward(*a, scale=0.1, use_qk_l2norm=True)).trace(
-        *args).lower(lowering_platforms=("cuda",))
+    lowered = lower(lambda *a: chunked.chunked_forward(*a, scale=0.1, use_qk_l2norm=True), *args)
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2
     bargs = args + (S((1, 200, 4, 64), BF16), S((1, 4, 64, 64), F32))
-    lowered = jax.jit(lambda *a: chunked.chunked_backward(*a, scale=0.1, use_qk_l2norm=True)).trace(
-        *bargs).lower(lowering_platforms=("cuda",))
+    lowered = lower(lambda *a: chunked.chunked_backward(*a, scale=0.1, use_qk_l2norm=True), *bargs)
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 4
     # KDA (per-key gates g [B, T, Hv, K]): the same 2 + 4 kernels
     kargs = args[:3] + (S((1, 200, 4, 64), F32),) + args[4:]
-    lowered = jax.jit(lambda *a: chunked.chunked_forward(*a, scale=0.1, use_qk_l2norm=True)).trace(
-        *kargs).lower(lowering_platforms=("cuda",))
+    lowered = lower(lambda *a: chunked.chunked_forward(*a, scale=0.1, use_qk_l2norm=True), *kargs)
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2
-    lowered = jax.jit(lambda *a: chunked.chunked_backward(*a, scale=0.1, use_qk_l2norm=True)).trace(
-        *(kargs + bargs[6:])).lower(lowering_platforms=("cuda",))
+    lowered = lower(lambda *a: chunked.chunked_backward(*a, scale=0.1, use_qk_l2norm=True),
+                    *(kargs + bargs[6:]))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 4

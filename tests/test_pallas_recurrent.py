@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from gdn_jax.kernels import recurrent
+from gdn_jax.lowering import lower
 from gdn_jax.reference import reference_gated_delta_net
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
@@ -190,8 +191,8 @@ def test_cpu_lowering_without_interpret_raises_naming_backend():
 
 
 def test_lowers_for_cuda_without_a_gpu():
-    """Tracing never looks at the default device: lowering for CUDA works on this CPU machine."""
+    """Tracing never looks at the default device: lowering for CUDA works on this CPU machine
+    (gdn_jax.lowering names an abstract H100, which jax >= 0.11 needs without a GPU)."""
     args = _sds(B=2, Hv=4, K=128, V=128, kda=True)
-    lowered = jax.jit(lambda *a: recurrent.fused_recurrent(*a, scale=0.1)).trace(*args).lower(
-        lowering_platforms=("cuda",))
+    lowered = lower(lambda *a: recurrent.fused_recurrent(*a, scale=0.1), *args, platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
