@@ -48,13 +48,13 @@ def _dtype_name(x) -> str:
     return str(jnp.result_type(x))
 
 
-def _check_float(name: str, x, allowed) -> None:
+def _check_float(name: str, x, allowed, want: str | None = None) -> None:
     dt = jnp.result_type(x)
+    want = want or "one of " + ", ".join(str(a) for a in allowed)
     if not jnp.issubdtype(dt, jnp.floating):
-        raise TypeError(
-            f"{name} must be a floating array ({', '.join(str(a) for a in allowed)}), got dtype {dt}")
+        raise TypeError(f"{name} must be a floating array ({want}), got dtype {dt}")
     if dt not in allowed:
-        raise TypeError(f"{name} has dtype {dt}; expected one of {', '.join(str(a) for a in allowed)}")
+        raise TypeError(f"{name} has dtype {dt}; expected {want}")
 
 
 def _concrete(x):
@@ -68,8 +68,9 @@ def _concrete(x):
 def _check_index_array(name: str, x, length_hint: str) -> None:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name} must be an int32 array or None, got {type(x).__name__}")
-    if jnp.result_type(x) != jnp.dtype(jnp.int32):
-        raise TypeError(f"{name} must have dtype int32, got {jnp.result_type(x)}")
+    # the array's own dtype: jnp.result_type would silently accept int64 where x64 is off
+    if np.dtype(x.dtype) != np.dtype(np.int32):
+        raise TypeError(f"{name} must have dtype int32, got {np.dtype(x.dtype)}")
     if x.ndim != 1:
         raise ValueError(f"{name} must have rank 1 ({length_hint}), got {name}.shape={tuple(x.shape)}")
 
@@ -165,15 +166,17 @@ def check_inputs(q, k, v, g, beta, initial_state=None, *, scale=None, impl="auto
     if (Bv, Tv) != (B, T):
         raise ValueError(f"v must agree with q on axes 0 and 1 (B, T), got q.shape={tuple(q.shape)} "
                          f"and v.shape={tuple(v.shape)}")
-    if min(Hk, K, Hv, V) < 1:
-        raise ValueError(f"head counts and head sizes must be positive, got q.shape={tuple(q.shape)} "
-                         f"and v.shape={tuple(v.shape)}")
+    for what, n, where in (("Hk", Hk, "q.shape[2]"), ("K", K, "q.shape[3]"), ("Hv", Hv, "v.shape[2]"),
+                           ("V", V, "v.shape[3]")):
+        if n < 1:
+            raise ValueError(f"head counts and head sizes must be positive, got {what}={n} ({where}; "
+                             f"q.shape={tuple(q.shape)}, v.shape={tuple(v.shape)})")
     if Hv % Hk:
         raise ValueError(f"the number of value heads must be a multiple of the number of q/k heads, "
                          f"got Hv={Hv} (v.shape={tuple(v.shape)}) and Hk={Hk} (q.shape={tuple(q.shape)})")
     gate_dtypes = tuple(dict.fromkeys((jnp.dtype(jnp.float32), jnp.dtype(q.dtype))))
-    _check_float("g", g, gate_dtypes)
-    _check_float("beta", beta, gate_dtypes)
+    for name, x in (("g", g), ("beta", beta)):
+        _check_float(name, x, gate_dtypes, f"float32 or q's dtype (q.dtype={q.dtype})")
     if tuple(g.shape) == (B, T, Hv):
         kda = False
     elif tuple(g.shape) == (B, T, Hv, K):
@@ -203,8 +206,10 @@ def check_inputs(q, k, v, g, beta, initial_state=None, *, scale=None, impl="auto
         if pool:
             check_pool_indices(state_indices, initial_state.shape[0])
     if scale is not None:
-        if isinstance(scale, jax.core.Tracer) or not isinstance(scale, (numbers.Real, np.floating)):
-            raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+        if (isinstance(scale, (jax.core.Tracer, bool, np.bool_))
+                or not isinstance(scale, (numbers.Real, np.floating))):
+            raise TypeError(f"scale must be a Python float or None, got {scale!r} of type "
+                            f"{type(scale).__name__}")
         if not np.isfinite(float(scale)):
             raise ValueError(f"scale must be finite, got scale={scale}")
     return Dims(B, T, Hk, Hv, K, V, kda, N)

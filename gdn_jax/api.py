@@ -350,7 +350,7 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
     for name, flag in (("output_final_state", output_final_state),
                        ("use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel), ("interpret", interpret)):
         if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+            raise TypeError(f"{name} must be a Python bool, got {flag!r} of type {type(flag).__name__}")
     dims = check_inputs(q, k, v, g, beta, initial_state, scale=scale, impl=impl, backend=backend,
                         state_layout=state_layout, cu_seqlens=cu_seqlens,
                         state_indices=state_indices, num_snapshots=num_snapshots,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from gdn_jax import gated_delta_net
@@ -58,6 +59,29 @@ BAD = [
     ({}, dict(scale="0.1"), TypeError, ["scale", "str"]),
     ({}, dict(output_final_state=1), TypeError, ["output_final_state", "bool"]),
     ({}, dict(impl="reference", backend="pallas"), ValueError, ["backend", "reference"]),
+    (dict(v=S((B, T, Hv * V), jnp.float32)), {}, ValueError, ["v", "rank 4", str((B, T, Hv * V))]),
+    (dict(v=S((B + 1, T, Hv, V), jnp.float32)), {}, ValueError, ["v", "axes 0 and 1", "v.shape"]),
+    (dict(beta=S((B, T, Hv), jnp.int32)), {}, TypeError, ["beta", "int32", "floating"]),
+    (dict(g=S((B, T, Hv), jnp.float16)), {}, TypeError, ["g", "float16", "q.dtype=float32"]),
+    (dict(q=S((B, T, Hk, 0), jnp.float32), k=S((B, T, Hk, 0), jnp.float32)), {}, ValueError,
+     ["positive", "K=0", "q.shape[3]"]),
+    (dict(v=S((B, T, Hv, 0), jnp.float32)), {}, ValueError, ["positive", "V=0", "v.shape[3]"]),
+    (dict(q=S((B, T, 0, K), jnp.float32), k=S((B, T, 0, K), jnp.float32)), {}, ValueError,
+     ["positive", "Hk=0"]),
+    ({}, dict(scale=float("nan")), ValueError, ["scale", "finite", "nan"]),
+    ({}, dict(scale=float("-inf")), ValueError, ["scale", "finite", "inf"]),
+    ({}, dict(scale=True), TypeError, ["scale", "bool"]),
+    ({}, dict(use_qk_l2norm_in_kernel=1), TypeError, ["use_qk_l2norm_in_kernel", "bool", "int"]),
+    ({}, dict(interpret="yes"), TypeError, ["interpret", "bool", "'yes'"]),
+    ({}, dict(output_final_state=np.True_), TypeError, ["output_final_state", "Python bool"]),
+    ({}, dict(num_snapshots=True), TypeError, ["num_snapshots", "int", "bool"]),
+    ({}, dict(num_snapshots=2.0), TypeError, ["num_snapshots", "int", "float"]),
+    ({}, dict(impl=None), ValueError, ["impl=None"]),
+    ({}, dict(state_indices=S((B,), jnp.float32), initial_state=S((3, Hv, K, V), jnp.float32),
+              output_final_state=True), TypeError, ["state_indices", "int32", "float32"]),
+    ({}, dict(state_indices=S((B,), jnp.int16), initial_state=S((3, Hv, K, V), jnp.float32),
+              output_final_state=True), TypeError, ["state_indices", "int32", "int16"]),
+    ({}, dict(cu_seqlens=S((3,), jnp.uint32)), TypeError, ["cu_seqlens", "int32", "uint32"]),
 ]
 
 
@@ -68,6 +92,38 @@ def test_bad_input_raises_at_trace_time(over, kwargs, exc, words):
     msg = str(info.value)
     for w in words:
         assert w in msg, f"{w!r} not in error message {msg!r}"
+
+
+def _concrete(**over):
+    a = {n: jnp.zeros(x.shape, x.dtype) for n, x in _args().items()}
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize("name,value", [
+    ("q", [[0.0]]), ("k", np.zeros((B, T, Hk, K)).tolist()), ("v", 1.0), ("g", None),
+    ("beta", (0.5,))])
+def test_non_array_inputs_raise_naming_the_argument(name, value):
+    a = _concrete(**{name: value})
+    with pytest.raises(TypeError, match=f"^{name} must be an array, got {type(value).__name__}"):
+        gated_delta_net(*a.values())
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(initial_state=[[0.0]]), ["initial_state", "array", "list"]),
+    (dict(cu_seqlens=[0, T]), ["cu_seqlens", "int32 array", "list"]),
+    (dict(state_indices=[0, 1], initial_state=jnp.zeros((3, Hv, K, V)), output_final_state=True),
+     ["state_indices", "int32 array", "list"]),
+    # numpy int64 is not silently narrowed (jnp would, where x64 is off)
+    (dict(state_indices=np.asarray([0, 1]), initial_state=jnp.zeros((3, Hv, K, V)),
+          output_final_state=True), ["state_indices", "int32", "int64"]),
+    (dict(scale=jnp.float32(0.5)), ["scale", "Python float"]),
+])
+def test_non_array_and_wrong_kind_options_raise(kw, words):
+    with pytest.raises(TypeError) as info:
+        gated_delta_net(*_concrete().values(), **kw)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
 
 
 def test_traced_scale_is_rejected():
