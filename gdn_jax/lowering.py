@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
 import jax
-from jax.sharding import AbstractDevice, AbstractMesh
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 # The device kind string an H100 SXM reports; the Triton lowering matches it to sm_90.
 H100_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
@@ -58,7 +58,9 @@ def abstract_gpu(device_kind: str = H100_DEVICE_KIND, platform: str = "cuda") ->
     if _default_platform() in GPU_PLATFORMS or _context_has_abstract_device():
         yield
         return
-    mesh = AbstractMesh((1,), (_AXIS,), abstract_device=AbstractDevice(
+    # Auto axis: an Explicit one (the default axis type) would put shardings into the types
+    # of every traced value and change how reshapes and gathers trace.
+    mesh = AbstractMesh((1,), (_AXIS,), axis_types=(AxisType.Auto,), abstract_device=AbstractDevice(
         device_kind=device_kind, num_cores=None, platform=platform))
     with jax.sharding.use_abstract_mesh(mesh):
         yield

@@ -1,7 +1,8 @@
 """Lower Pallas Triton kernels for CUDA and compile them for a compile-only H100, no GPU needed.
 
 Self-contained (the tests need no tool from outside the repository). Needs jax-cuda12-plugin and
-jax-cuda12-pjrt (same version as jax) and a `ptxas` (PATH, /usr/local/cuda*/bin or $PTXAS).
+jax-cuda12-pjrt (same version as jax) and a `ptxas` (PATH, /usr/local/cuda*/bin, $PTXAS or the
+nvidia-cuda-nvcc-cu12 wheel).
 
     python tests/gpu_compile.py            # compiles the recurrent and chunked kernel sets, prints JSON
 
@@ -54,9 +55,19 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 """
 
 
+def _pip_ptxas() -> str | None:
+    """ptxas of the nvidia-cuda-nvcc-cu12 wheel (where jax's CUDA plugin looks for CUDA tools)."""
+    try:
+        spec = importlib.util.find_spec("nvidia.cuda_nvcc")
+    except ModuleNotFoundError:
+        return None
+    locs = list(spec.submodule_search_locations or []) if spec else []
+    return os.path.join(locs[0], "bin", "ptxas") if locs else None
+
+
 def find_ptxas() -> str | None:
     cands = [os.environ.get("PTXAS"), shutil.which("ptxas"),
-             *sorted(glob.glob("/usr/local/cuda*/bin/ptxas"), reverse=True)]
+             *sorted(glob.glob("/usr/local/cuda*/bin/ptxas"), reverse=True), _pip_ptxas()]
     return next((c for c in cands if c and os.access(c, os.X_OK)), None)
 
 
@@ -70,7 +81,7 @@ def unavailable_reason() -> str | None:
         if not found:
             return f"{pkg} is not installed (pip install {pkg}==<jax version>)"
     if find_ptxas() is None:
-        return "no ptxas found (PATH, /usr/local/cuda*/bin or $PTXAS)"
+        return "no ptxas found (PATH, /usr/local/cuda*/bin, $PTXAS or nvidia-cuda-nvcc-cu12)"
     return None
 
 
