@@ -40,3 +40,12 @@ def result(key: str, job: Job, timeout: float) -> subprocess.CompletedProcess:
             err += f"\n[timed out after {timeout} s]"
         _DONE[key] = subprocess.CompletedProcess(job.args, p.returncode, out, err)
     return _DONE[key]
+
+
+def stop_all() -> None:
+    """Kills the jobs still running (their results were not asked for)."""
+    while _RUNNING:
+        _, p = _RUNNING.popitem()
+        if p.poll() is None:
+            p.kill()
+        p.communicate()

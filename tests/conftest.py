@@ -6,6 +6,7 @@ if "JAX_PLATFORMS" not in os.environ and not os.path.exists("/dev/nvidiactl"):
     # initialise a GPU and print a traceback on machines without one.
     os.environ["JAX_PLATFORMS"] = "cpu"
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Every new shape compiles, so no deadline; CI caps the examples to stay in budget.
@@ -16,6 +17,7 @@ settings.register_profile("dev", deadline=None, max_examples=25,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: start only the jobs of selected tests
 def pytest_collection_modifyitems(session, config, items):
     """Starts the background subprocess jobs of the selected tests (tests/background.py) and
     runs their consumers last, so the jobs overlap the rest of the suite."""
@@ -31,3 +33,10 @@ def pytest_collection_modifyitems(session, config, items):
             late.append(item)
     if late:
         items[:] = [it for it in items if it not in late] + late
+
+
+def pytest_unconfigure(config):
+    """A job nobody waited for (an interrupted or failed run) must not outlive pytest."""
+    import background  # noqa: PLC0415
+
+    background.stop_all()
