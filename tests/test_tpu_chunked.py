@@ -3,8 +3,8 @@ against the float64 recurrence and its hand-written VJP: outputs, final state an
 gradients through `jax.vjp`-style cotangents on o and the final state.
 
 Cases: weak decay over three full chunks plus a ragged one (the carried state and its
-gradient matter), strong decay (g down to -30), grouped heads, packed sequences with an empty
-one, bf16. Every case asserts that `pallas_call` is in the traced program. K = V = 128 (the
+gradient matter) in packed sequences with an empty one, strong decay (g down to -30) in the
+dense layout, grouped heads, bf16. Every case asserts that `pallas_call` is in the traced program. K = V = 128 (the
 kernels' lane-dense head blocks); one program per case keeps the interpreter's compile time,
 which dominates, in budget.
 """
@@ -52,37 +52,36 @@ def check(case: Case, *, lengths=None, seed=0):
     for name, x in (("dq", q), ("dk", k), ("dv", v), ("dg", g), ("dbeta", beta)):
         assert got[name].shape == x.shape and got[name].dtype == x.dtype, name
     tol_out, tol_grad = tolerance("chunked", case.dtype)
-    return assert_close(got, want, tol_out, tol_grad, str(case))
+    errs = assert_close(got, want, tol_out, tol_grad, str(case))
+    print(f"{case}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))  # shown with -s / -rP
+    return errs
 
 
 RAGGED = 3 * 128 + 37   # three full chunks and a ragged one
 
 
 @pytest.mark.parametrize("kda", [False, True], ids=["GDA", "KDA"])
-def test_weak_decay_grouped_ragged(kda):
+def test_weak_decay_packed_grouped_ragged(kda):
     """Weak decay (g in [-0.1, 0], some heads g = 0, some beta = 1): the state carried over
-    three chunk boundaries and its gradient dominate; Hv = 2 Hk; h0 given."""
-    check(Case(kda=kda, T=RAGGED, Hk=1, group=2, K=128, V=128, h0=True, weak=True))
+    three chunk boundaries and its gradient dominate. Packed sequences: an empty one first,
+    one of three full chunks and a ragged one, a one-token one, a short one, each from its own
+    initial state; Hv = 2 Hk."""
+    lengths = (0, RAGGED, 1, 40)
+    check(Case(kda=kda, T=sum(lengths), Hk=1, group=2, K=128, V=128, weak=True), lengths=lengths)
 
 
 @pytest.mark.parametrize("kda", [False, True], ids=["GDA", "KDA"])
 def test_strong_decay(kda):
     """g down to -30 per token: the exactly-one factors stay constants, so dg keeps float32
-    accuracy where the true gradients are tiny."""
+    accuracy where the true gradients are tiny. Dense layout (no cu_seqlens), ragged T."""
     check(Case(kda=kda, T=130, K=128, V=128, h0=True, gmin=-30.0))
 
 
-@pytest.mark.parametrize("kda", [False, True], ids=["GDA", "KDA"])
-def test_packed_sequences(kda):
-    """cu_seqlens with an empty sequence (first), a one-token one and one crossing a chunk
-    boundary; each from its own initial state; raw unit keys (no l2norm)."""
-    check(Case(kda=kda, T=150 + 1 + 40, K=128, V=128, l2norm=False), lengths=(0, 150, 1, 40))
-
-
-def test_bf16_grouped():
-    """bf16 inputs (bf16 MXU dots, float32 accumulation and inverse) at the spec's bf16
-    tolerances, two q/k heads of two value heads each, B = 2."""
-    check(Case(T=140, B=2, Hk=2, group=2, K=128, V=128, h0=True, dtype="bf16", weak=True))
+def test_bf16_grouped_raw_keys():
+    """bf16 inputs (bf16 MXU dots, float32 accumulation, bf16x3 inverse) at the spec's bf16
+    tolerances; two q/k heads of two value heads each, B = 2, raw unit keys (no l2norm)."""
+    check(Case(T=140, B=2, Hk=2, group=2, K=128, V=128, h0=True, dtype="bf16", weak=True,
+               l2norm=False))
 
 
 S = jax.ShapeDtypeStruct

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ..._common import INPUT_DTYPES
+from .. import _checks
 
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -27,36 +27,17 @@ def compiler_params(semantics, vmem_bytes: int | None = None):
     return pltpu.CompilerParams(dimension_semantics=tuple(semantics), vmem_limit_bytes=limit)
 
 
-def is_int(x) -> bool:
-    return jnp.issubdtype(jnp.dtype(x.dtype), jnp.integer)
-
-
 def check_common(q, k, v, g, beta, head_sizes):
-    """The checks every TPU kernel makes: ranks, head sizes, dtypes, gate shapes. Returns a
-    reason string or None."""
-    if getattr(q, "ndim", None) != 4 or getattr(v, "ndim", None) != 4 \
-            or getattr(k, "ndim", None) != 4:
-        return "q, k and v must have rank 4"
+    """The checks every TPU kernel makes (kernels/_checks.py, plus the shapes of k, v, g and
+    beta against q's). Returns a reason string or None."""
+    reason = _checks.check_inputs(q, k, v, g, beta, head_ok=lambda d: d in head_sizes,
+                                  head_need=f"one of {head_sizes}", what="Mosaic TPU kernels")
+    if reason is not None:
+        return reason
     B, T, Hk, K = q.shape
-    Hv, V = v.shape[2], v.shape[3]
+    Hv = v.shape[2]
     if tuple(k.shape) != tuple(q.shape) or tuple(v.shape[:2]) != (B, T):
         return f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} do not agree"
-    for name, d in (("K", K), ("V", V)):
-        if d not in head_sizes:
-            return (f"head size {name}={d} is not supported by the Mosaic TPU kernels "
-                    f"(needs one of {head_sizes})")
-    if T < 1:
-        return f"T={T}: the kernels need at least one token"
-    if Hk < 1 or Hv % Hk:
-        return f"Hv={Hv} is not a multiple of Hk={Hk}"
-    dt = jnp.dtype(q.dtype)
-    if dt not in INPUT_DTYPES:
-        return f"input dtype {dt} is not one of {', '.join(map(str, INPUT_DTYPES))}"
-    if jnp.dtype(k.dtype) != dt or jnp.dtype(v.dtype) != dt:
-        return "q, k and v must share one dtype"
-    for name, x in (("g", g), ("beta", beta)):
-        if jnp.dtype(x.dtype) not in (jnp.dtype(F32), dt):
-            return f"{name} dtype {x.dtype} is neither float32 nor q's dtype {dt}"
     if tuple(g.shape) not in ((B, T, Hv), (B, T, Hv, K)):
         return f"g shape {tuple(g.shape)} is neither [B, T, Hv] (GDA) nor [B, T, Hv, K] (KDA)"
     if tuple(beta.shape) != (B, T, Hv):
@@ -68,14 +49,8 @@ def check_cu_seqlens(cu_seqlens, B):
     """(N, reason): the number of sequences and a reason string or None."""
     if cu_seqlens is None:
         return B, None
-    if getattr(cu_seqlens, "ndim", None) != 1 or cu_seqlens.shape[0] < 2:
-        return B, (f"cu_seqlens shape {tuple(getattr(cu_seqlens, 'shape', ()))} is not [N + 1] "
-                   "with N >= 1")
-    if not is_int(cu_seqlens):
-        return B, f"cu_seqlens dtype {cu_seqlens.dtype} is not an integer dtype"
-    if B != 1:
-        return B, f"cu_seqlens packs the sequences along T and needs B == 1, got B={B}"
-    return cu_seqlens.shape[0] - 1, None
+    reason = _checks.check_cu_seqlens(cu_seqlens, B, int32_only=False)
+    return (B, reason) if reason is not None else (cu_seqlens.shape[0] - 1, None)
 
 
 def eye_mask(n):

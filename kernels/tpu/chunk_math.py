@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from ..._common import L2NORM_EPS
 
 F32 = jnp.float32
+BF16 = jnp.bfloat16
 HIGHEST = jax.lax.Precision.HIGHEST
 CHUNK = 128
 SUB = 16
@@ -41,6 +42,75 @@ def _dot(a, b, lp, *, ta=False, tb=False):
     prec = HIGHEST if jnp.dtype(lp) == jnp.dtype(F32) else None
     return jax.lax.dot_general(a.astype(lp), b.astype(lp), (((ca,), (cb,)), ((), ())),
                                precision=prec, preferred_element_type=F32)
+
+
+def _split(x, n):
+    """n bf16 parts of float32 x, largest first, summing to x (n = 3: all 24 bits)."""
+    parts, r = [], x
+    for _ in range(n - 1):
+        p = r.astype(BF16)
+        parts.append(p)
+        r = r - p.astype(F32)
+    return parts + [r.astype(BF16)]
+
+
+def _mxu(a, b, ta=False, tb=False):
+    return jax.lax.dot_general(a, b, (((0 if ta else 1,), (1 if tb else 0,)), ((), ())),
+                               preferred_element_type=F32)
+
+
+def _mask_dot_impl(m, x, tm=False):
+    mb = m.astype(BF16)
+    return sum(_mxu(mb, p, ta=tm) for p in _split(x, 3))
+
+
+@jax.custom_vjp
+def mask_dot(m, x):
+    """m @ x for a 0/1 matrix m (a selection or a triangle of ones) and float32 x: three bf16
+    passes of x's exact split, so every product is exact (HIGHEST would take six passes).
+    m is a constant: its cotangent is zero."""
+    return _mask_dot_impl(m, x)
+
+
+def _mask_dot_fwd(m, x):
+    return _mask_dot_impl(m, x), m
+
+
+def _mask_dot_bwd(m, ct):
+    return jnp.zeros_like(m), _mask_dot_impl(m, ct, tm=True)
+
+
+mask_dot.defvjp(_mask_dot_fwd, _mask_dot_bwd)
+
+
+def _x3_impl(a, b, ta=False, tb=False):
+    ah, al = _split(a, 2)
+    bh, bl = _split(b, 2)
+    return _mxu(ah, bh, ta, tb) + (_mxu(ah, bl, ta, tb) + _mxu(al, bh, ta, tb))
+
+
+@jax.custom_vjp
+def x3_dot(a, b):
+    """a @ b of float32 operands by the bf16x3 split (hi hi + hi lo + lo hi): about 16 bits
+    of each operand, half the MXU passes of HIGHEST. Used for 16-bit inputs only."""
+    return _x3_impl(a, b)
+
+
+def _x3_fwd(a, b):
+    return _x3_impl(a, b), (a, b)
+
+
+def _x3_bwd(res, ct):
+    a, b = res
+    return _x3_impl(ct, b, tb=True), _x3_impl(a, ct, ta=True)
+
+
+x3_dot.defvjp(_x3_fwd, _x3_bwd)
+
+
+def _fdot(a, b, lp):
+    """A float32 product: HIGHEST for float32 inputs, bf16x3 for 16-bit inputs."""
+    return _dot(a, b, F32) if jnp.dtype(lp) == jnp.dtype(F32) else x3_dot(a, b)
 
 
 def _iotas(n, m):
@@ -69,10 +139,11 @@ def _l2norm(x):
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + L2NORM_EPS)
 
 
-def inv_unit_lower(A):
+def inv_unit_lower(A, lp=F32):
     """(I + A)^-1 for strictly lower A [C, C] by recursive block inversion: from 1 x 1 blocks,
     each level doubles the block size, T <- T - T A_off T with A_off the lower-left sub-blocks
-    of the doubled blocks (exact block forward substitution; no powers of A). float32."""
+    of the doubled blocks (exact block forward substitution; no powers of A). float32 values;
+    products at HIGHEST (lp float32) or bf16x3 (16-bit inputs)."""
     C = A.shape[0]
     r, c = _iotas(C, C)
     T = (r == c).astype(F32)
@@ -82,7 +153,7 @@ def inv_unit_lower(A):
         off = (jax.lax.shift_right_logical(r, s + 1) == jax.lax.shift_right_logical(c, s + 1)) \
             & (jax.lax.shift_right_logical(r, s) != jax.lax.shift_right_logical(c, s))
         Ao = jnp.where(off, A, 0.0)
-        T = T - _dot(_dot(T, Ao, F32), T, F32)
+        T = T - _fdot(_fdot(T, Ao, lp), T, lp)
         b *= 2
     return T
 
@@ -111,8 +182,8 @@ def _kda_pairs(xs, k, G, lp):
     rblk = jax.lax.shift_right_logical(ri, 4)
     for j in range(SUB - 1):
         sel = (ci == rblk * SUB + j).astype(F32)                         # row i -> its source row
-        k_src = _dot(sel, k, F32)
-        G_src = _dot(sel, G, F32)
+        k_src = mask_dot(sel, k)
+        G_src = mask_dot(sel, G)
         below = within > j
         e = jnp.exp(jnp.where(below, G - G_src, 0.0))
         place = (ci == rblk * SUB + j) & (ri > ci)
@@ -128,7 +199,8 @@ def chunk_step(q, k, v, g, beta, S, last, *, kda: bool, scale: float, l2: bool, 
     q, k [C, K]; v [C, V]; g: GDA [1, C] (clamped log gates), KDA [C, K]; beta [1, C]; S the
     [K, V] state entering the chunk; `last` (int32 scalar): index of the chunk's last real
     token (rows after it are zeros). lp: operand dtype of the input-sized dots (bf16 for
-    16-bit inputs, float32 otherwise); the triangular inverse and cumulative gates are float32.
+    16-bit inputs, float32 otherwise); the triangular inverse, W and U are float32 values
+    (products by `_fdot`), cumulative gates and KDA source rows exact (`mask_dot`).
     """
     C = q.shape[0]
     ri, ci = _iotas(C, C)
@@ -145,7 +217,7 @@ def chunk_step(q, k, v, g, beta, S, last, *, kda: bool, scale: float, l2: bool, 
     is_last = rc == last
     tril = (ri >= ci).astype(F32)
     if kda:
-        G = _dot(tril, g, F32)                                           # [C, K]
+        G = mask_dot(tril, g)                                            # [C, K]
         A, Pl = _kda_pairs((k, q), k, G, lp)
         A = b_col * A
         P = Pl + jnp.where(eye, jnp.sum(q * k, axis=1, keepdims=True), 0.0)
@@ -169,9 +241,9 @@ def chunk_step(q, k, v, g, beta, S, last, *, kda: bool, scale: float, l2: bool, 
         q_in = eG * q
         kd = k * jnp.where(is_last, 1.0, jnp.exp(jnp.where(is_last, 0.0, G_C - G_col)))
         decay = jnp.exp(G_C)
-    Tm = inv_unit_lower(A)
-    W = _dot(Tm, w_in, F32)
-    U = _dot(Tm, b_col * v, F32)
+    Tm = inv_unit_lower(A, lp)
+    W = _fdot(Tm, w_in, lp)
+    U = _fdot(Tm, b_col * v, lp)
     Vn = U - _dot(W, S, lp)
     o = _dot(q_in, S, lp) + _dot(P, Vn, lp)
     S_next = decay * S + _dot(kd, Vn, lp, ta=True)

@@ -23,15 +23,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from ..._common import G_MIN
 from ..._varlen import from_aligned, to_aligned
 from . import _common as tc
 from .chunk_math import CHUNK, chunk_step
-from .chunked_forward import (Chunks, _empty_fix, chunk_info, chunk_states, chunk_table,
-                              flops_per_chunk, load_chunk, lp_dtype, state_spec, supports,
-                              token_args, token_specs, vmem_estimate)
+from .chunked_forward import (Chunks, _empty_fix, chunk_call, chunk_info, chunk_states,
+                              chunk_table, flops_per_chunk, load_chunk, lp_dtype, state_spec,
+                              supports, token_args, token_specs, vmem_estimate)
 
 __all__ = ["chunked_backward"]
 
@@ -112,18 +111,8 @@ def _run_backward(q, k, v, g, beta, hs, do, dht, chunks: Chunks, *, scale, l2, s
         lp=lp_dtype(q.dtype), has_dht=has_dht, store_dh0=store_dh0)
     name = (f"gdn_tpu_chunk_{'kda_' if kda else ''}bwd_k{K}_v{V}"
             f"{'_varlen' if chunks.layout is not None else ''}")
-    return pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(rows, Hv, NC), in_specs=in_specs, out_specs=out_specs,
-            scratch_shapes=[pltpu.VMEM((K, V), F32)]),
-        out_shape=out_shape,
-        compiler_params=tc.compiler_params(("parallel", "parallel", "arbitrary"),
-                                           vmem_estimate(K, V, isz, kda, backward=True)),
-        cost_estimate=cost,
-        interpret=tc.interpret_arg(interpret),
-        name=name,
-    )(chunks.table, *args)
+    return chunk_call(kernel, chunks, args, in_specs, out_specs, out_shape, (K, V),
+                      vmem_estimate(K, V, isz, kda, backward=True), cost, interpret, name, Hv)
 
 
 def chunked_backward(q, k, v, g, beta, initial_state, do, dht, *, scale: float,

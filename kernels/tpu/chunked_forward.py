@@ -213,6 +213,23 @@ def vmem_estimate(K, V, itemsize, kda, backward=False):
     return blocks + K * V * 4 + temps * (3 if backward else 1)
 
 
+def chunk_call(kernel, chunks: Chunks, args, in_specs, out_specs, out_shape, state, vmem,
+               cost, interpret, name, Hv):
+    """A `pallas_call` on the (row, value head, chunk) grid: the chunk table scalar-prefetched,
+    the chunk axis "arbitrary" with one float32 `state`-shaped VMEM scratch carried along it."""
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(chunks.rows, Hv, chunks.NC), in_specs=in_specs,
+            out_specs=out_specs, scratch_shapes=[pltpu.VMEM(state, F32)]),
+        out_shape=out_shape,
+        compiler_params=tc.compiler_params(("parallel", "parallel", "arbitrary"), vmem),
+        cost_estimate=cost,
+        interpret=tc.interpret_arg(interpret),
+        name=name,
+    )(chunks.table, *args)
+
+
 def _run_forward(q, k, v, g, beta, initial_state, chunks: Chunks, *, scale, l2, store_o,
                  store_ht, store_states, interpret):
     B, T, Hk, K = q.shape
@@ -254,18 +271,8 @@ def _run_forward(q, k, v, g, beta, initial_state, chunks: Chunks, *, scale, l2, 
         store_states=store_states)
     name = (f"gdn_tpu_chunk_{'kda_' if kda else ''}{'fwd' if store_o else 'states'}_k{K}_v{V}"
             f"{'_varlen' if chunks.layout is not None else ''}")
-    return pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(rows, Hv, NC), in_specs=in_specs, out_specs=out_specs,
-            scratch_shapes=[pltpu.VMEM((K, V), F32)]),
-        out_shape=out_shape,
-        compiler_params=tc.compiler_params(("parallel", "parallel", "arbitrary"),
-                                           vmem_estimate(K, V, isz, kda)),
-        cost_estimate=cost,
-        interpret=tc.interpret_arg(interpret),
-        name=name,
-    )(chunks.table, *args)
+    return chunk_call(kernel, chunks, args, in_specs, out_specs, out_shape, (K, V),
+                      vmem_estimate(K, V, isz, kda), cost, interpret, name, Hv)
 
 
 def _empty_fix(states, fallback, chunks: Chunks):

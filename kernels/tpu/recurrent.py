@@ -17,8 +17,8 @@ call, the decode roofline. Everything sits in HBM (`memory_space=ANY`) and moves
 - Snapshots: after each of the last ns tokens the state is copied to `[N, ns, Hv, ...]`; slots
   before the sequence's first token get its initial state.
 
-Per token the rows of q, k (`[Hk, K]`), v (`[Hv, V]`) and the gates come in by DMA (GDA gates
-and beta into SMEM as scalars, KDA gates as `[Hv, K]` rows), are cast to float32 and l2-normed
+Per token the rows of q, k (`[Hk, K]`), v (`[Hv, V]`) and the gates come in by five concurrent
+DMAs (GDA gates and beta into SMEM as scalars, KDA gates as `[Hv, K]` rows), are cast to float32 and l2-normed
 once, and a loop over value heads applies `S <- exp(g) S`, `u = beta (v - S^T k)`,
 `S += k u^T`, `o = S^T (scale q)`. Value head h reads q/k head `lax.div(h, Hv // Hk)`. One token
 has no matrix product: the matvecs are float32 multiply + reduce on the VPU (exact), the rows
@@ -38,6 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from ..._common import G_MIN, L2NORM_EPS
+from .. import _checks
 from . import _common as tc
 
 __all__ = ["supports", "fused_recurrent", "vmem_bytes", "STATE_LAYOUTS", "HEAD_SIZES"]
@@ -84,7 +85,7 @@ def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv",
         if getattr(state_indices, "ndim", None) != 1 or state_indices.shape[0] != N:
             return (f"state_indices shape {tuple(getattr(state_indices, 'shape', ()))} is not "
                     f"[N] = [{N}]")
-        if not tc.is_int(state_indices):
+        if not _checks.is_int_dtype(state_indices):
             return f"state_indices dtype {state_indices.dtype} is not an integer dtype"
         if initial_state is None:
             return "state_indices needs initial_state (the state pool [P, Hv, ...])"
@@ -134,7 +135,7 @@ def _kernel(cu_ref, idx_ref, *refs, T_total, group, scale, l2, kda, layout, has_
     ht_hbm = next(it) if store_ht else None
     snap_hbm = next(it) if ns else None
     (s_scr, qb, kb, vb, qf, kf, vf, of, ob, bs) = (next(it) for _ in range(10))
-    gb, gf, gs = next(it), next(it), next(it)
+    gb, gf, gs, sems = next(it), next(it), next(it), next(it)
     Hv = s_scr.shape[0]
     K = qf.shape[1]
     V = vf.shape[1]
@@ -176,15 +177,16 @@ def _kernel(cu_ref, idx_ref, *refs, T_total, group, scale, l2, kda, layout, has_
     eye_v = tc.eye_mask(V)
 
     def token(t, c):
-        pltpu.sync_copy(q_hbm.at[t], qb)
-        pltpu.sync_copy(k_hbm.at[t], kb)
-        pltpu.sync_copy(v_hbm.at[t], vb)
-        pltpu.sync_copy(b_hbm.at[t], bs)
+        # the token's five rows are in flight together (one DMA latency, not five)
+        copies = [pltpu.make_async_copy(src.at[t], dst, sems.at[i]) for i, (src, dst) in
+                  enumerate(((q_hbm, qb), (k_hbm, kb), (v_hbm, vb), (b_hbm, bs),
+                             (g_hbm, gb if kda else gs)))]
+        for cp in copies:
+            cp.start()
+        for cp in copies:
+            cp.wait()
         if kda:
-            pltpu.sync_copy(g_hbm.at[t], gb)
             gf[...] = jnp.exp(jnp.maximum(gb[...].astype(F32), G_MIN))
-        else:
-            pltpu.sync_copy(g_hbm.at[t], gs)
         qv = qb[...].astype(F32)
         kv = kb[...].astype(F32)
         if l2:
@@ -297,6 +299,7 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
         pltpu.SMEM((Hv,), F32),
         pltpu.VMEM((Hv, K) if kda else (1, 128), gdt), pltpu.VMEM((Hv, K) if kda else (1, 128), F32),
         pltpu.SMEM((1,) if kda else (Hv,), F32),
+        pltpu.SemaphoreType.DMA((5,)),
     ]
     isz = jnp.dtype(q.dtype).itemsize
     state_bytes = N * Hv * K * V * 4
