@@ -25,6 +25,7 @@ import background  # noqa: E402
 import gpu_compile  # noqa: E402
 
 from gdn_jax.kernels import recurrent  # noqa: E402
+from gdn_jax.lowering import abstract_gpu, lower  # noqa: E402
 
 S = jax.ShapeDtypeStruct
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,6 +50,25 @@ def test_precision_checker_flags_tf32():
     (default,) = gpu_compile.triton_kernels(_control_dot(None), x, x)
     (highest,) = gpu_compile.triton_kernels(_control_dot(jax.lax.Precision.HIGHEST), x, x)
     assert tf32_dots(default["ir"]) and not tf32_dots(highest["ir"])
+
+
+def test_lowering_helper_names_an_abstract_gpu_only_while_lowering():
+    """gdn_jax.lowering.lower: a Pallas Triton kernel lowers for CUDA here on every supported
+    jax (0.11+ needs the abstract device), for one platform or several; the context ends with
+    the call; bad platforms raise naming the argument."""
+    x = S((16, 16), jnp.float32)
+    assert "__gpu$xla.gpu.triton" in lower(_control_dot(None), x, x, platforms=("cuda",)).as_text()
+    for platforms in [("cpu", "cuda"), ("cuda", "cpu"), ("cpu", "tpu")]:
+        text = lower(lambda a: a + a, x, platforms=platforms).as_text()
+        assert "stablehlo.add" in text and "__gpu$xla.gpu.triton" not in text
+    with abstract_gpu():
+        assert jax.sharding.get_abstract_mesh().abstract_device.platform == "cuda"
+    assert jax.sharding.get_abstract_mesh().empty
+    for bad in [(), ("cuda", 3), None]:
+        with pytest.raises(ValueError, match="platforms"):
+            lower(lambda a: a, x, platforms=bad)
+    with pytest.raises(ValueError, match="device_kind"):
+        lower(lambda a: a, x, device_kind="")
 
 
 @pytest.mark.parametrize("kda", [False, True])
