@@ -17,7 +17,7 @@ import pytest
 
 import test_pallas_recurrent_varlen as base
 from gdn_jax.kernels.tpu import recurrent as tpu_recurrent
-from helpers import rel_err
+from helpers import assert_pallas, rel_err
 
 F32 = jnp.float32
 TPU = types.SimpleNamespace(fused_recurrent=tpu_recurrent.fused_recurrent,
@@ -74,9 +74,13 @@ def test_snapshots_without_final_state():
     cu = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
     args = base.make(1, 7, 1, 2, 16, 16, kda=True, dtype="f32", l2=True, seed=6)
     h0 = jnp.asarray(np.random.default_rng(7).standard_normal((3, 2, 16, 16)), F32)
-    o, s, snaps = tpu_recurrent.fused_recurrent(
-        *args, h0, scale=0.25, use_qk_l2norm=True, interpret=True, cu_seqlens=cu,
-        num_snapshots=4, output_final_state=False)
+    def fn(*a):
+        return tpu_recurrent.fused_recurrent(*a, scale=0.25, use_qk_l2norm=True, interpret=True,
+                                             cu_seqlens=cu, num_snapshots=4,
+                                             output_final_state=False)
+
+    assert_pallas(fn, *args, h0)
+    o, s, snaps = jax.jit(fn)(*args, h0)
     assert s is None and snaps.shape == (3, 4, 2, 16, 16)
     np.testing.assert_array_equal(snaps[1], np.broadcast_to(h0[1], (4, 2, 16, 16)))
     ref = base.expected(args, [(0, 0, 3), (0, 3, 3), (0, 3, 7)], list(np.asarray(h0)), 4,

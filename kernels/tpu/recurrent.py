@@ -1,10 +1,13 @@
 """Recurrent / decode gated delta rule (GDA and KDA) as one Mosaic TPU kernel: state pools,
 packed sequences and snapshots.
 
-Grid `(N,)`: one step per sequence. The step owns the float32 state of all Hv heads of its
-sequence in a VMEM scratch (`Hv * K * V * 4` bytes, 2 MiB at Hv = 32, K = V = 128), loads it
-once by DMA, runs the sequence's tokens and stores it once, so the state crosses HBM twice per
-call, the decode roofline. Everything sits in HBM (`memory_space=ANY`) and moves by DMA:
+Grid `(2, ceil(N / 2))`: two chains of sequences ("parallel": one per TensorCore on chips
+with two), each walked in order ("arbitrary"). A step owns the float32 state of all Hv heads of
+its sequence in one of two VMEM buffers (`Hv * K * V * 4` bytes each, 2 MiB at Hv = 32,
+K = V = 128): while it runs its tokens, the next sequence's state is loading into the other
+buffer and the previous one's is being stored, so the state crosses HBM twice per call (the
+decode roofline) with the transfers overlapping the compute. Everything sits in HBM
+(`memory_space=ANY`) and moves by DMA:
 
 - `cu_seqlens` and `state_indices` are scalar-prefetched into SMEM. Without `cu_seqlens` the
   B sequences of T tokens are the packed row `[B * T]` with offsets `n * T`, so one kernel body
@@ -18,8 +21,8 @@ call, the decode roofline. Everything sits in HBM (`memory_space=ANY`) and moves
   before the sequence's first token get its initial state.
 
 Per token the rows of q, k (`[Hk, K]`), v (`[Hv, V]`) and the gates come in by five concurrent
-DMAs (GDA gates and beta into SMEM as scalars, KDA gates as `[Hv, K]` rows), are cast to float32 and l2-normed
-once, and a loop over value heads applies `S <- exp(g) S`, `u = beta (v - S^T k)`,
+DMAs (GDA gates and beta into SMEM as scalars, KDA gates as `[Hv, K]` rows), are cast to
+float32 and l2-normed once, and a loop over value heads applies `S <- exp(g) S`, `u = beta (v - S^T k)`,
 `S += k u^T`, `o = S^T (scale q)`. Value head h reads q/k head `lax.div(h, Hv // Hk)`. One token
 has no matrix product: the matvecs are float32 multiply + reduce on the VPU (exact), the rows
 that must become columns move by a select + reduce against the identity (`_common.row_to_col`).
@@ -46,13 +49,13 @@ __all__ = ["supports", "fused_recurrent", "vmem_bytes", "STATE_LAYOUTS", "HEAD_S
 STATE_LAYOUTS = ("kv", "vk")
 HEAD_SIZES = (16, 32, 64, 128, 256)
 # The whole state of one sequence lives in VMEM; above this it would crowd v7x's 64 MiB.
-MAX_STATE_BYTES = 16 * 1024 * 1024
+MAX_STATE_BYTES = 8 * 1024 * 1024
 F32 = tc.F32
 
 
 def vmem_bytes(Hk, Hv, K, V, itemsize=2, kda=False) -> int:
     """VMEM the kernel's scratch needs (no pipelined blocks: everything else is in HBM)."""
-    state = Hv * K * V * 4
+    state = 2 * Hv * K * V * 4  # double-buffered: the next sequence's state loads meanwhile
     rows = 2 * Hk * K * (itemsize + 4) + Hv * V * (itemsize + 4) + Hv * V * (itemsize + 4)
     gates = Hv * K * (itemsize + 4) if kda else 0
     return state + rows + gates
@@ -126,35 +129,75 @@ def _head_step(S, k_row, q_row, v_row, beta, gate, *, layout, kda, eye_k, eye_v)
     return S, tc.col_to_row(jnp.sum(S * q_row, axis=1, keepdims=True), eye_v)
 
 
-def _kernel(cu_ref, idx_ref, *refs, T_total, group, scale, l2, kda, layout, has_h0, store_ht,
-            pool, ns):
+def _seq_info(cu_ref, idx_ref, m, *, N, T_total, pool, P):
+    """(live, valid, slot, bos, eos) of sequence m (live: m < N, the grid has a tail step when N
+    is odd; valid: live and its slot in [0, P))."""
+    live = m < N
+    mc = jnp.minimum(m, N - 1)
+    bos = jnp.clip(cu_ref[mc], 0, T_total)
+    eos = jnp.where(live, jnp.clip(cu_ref[mc + 1], bos, T_total), bos)  # a tail step runs nothing
+    if pool:
+        raw = idx_ref[mc]
+        valid = live & (raw >= 0) & (raw < P)
+        slot = jnp.where(valid, raw, 0)
+    else:
+        valid, slot = live, mc
+    return live, valid, slot, bos, eos
+
+
+def _kernel(cu_ref, idx_ref, *refs, N, T_total, group, scale, l2, kda, layout, has_h0,
+            store_ht, pool, ns):
     it = iter(refs)
     q_hbm, k_hbm, v_hbm, g_hbm, b_hbm = (next(it) for _ in range(5))
     h0_hbm = next(it) if has_h0 else None
     o_hbm = next(it)
     ht_hbm = next(it) if store_ht else None
     snap_hbm = next(it) if ns else None
-    (s_scr, qb, kb, vb, qf, kf, vf, of, ob, bs) = (next(it) for _ in range(10))
-    gb, gf, gs, sems = next(it), next(it), next(it), next(it)
-    Hv = s_scr.shape[0]
+    (s_buf, qb, kb, vb, qf, kf, vf, of, ob, bs) = (next(it) for _ in range(10))
+    gb, gf, gs, sems, load_sems, store_sems = (next(it) for _ in range(6))
+    Hv = s_buf.shape[1]
     K = qf.shape[1]
     V = vf.shape[1]
 
-    n = pl.program_id(0)
-    bos = jnp.clip(cu_ref[n], 0, T_total)
-    eos = jnp.clip(cu_ref[n + 1], bos, T_total)
-    if pool:
-        raw = idx_ref[n]
-        valid = (raw >= 0) & (raw < h0_hbm.shape[0])
-        slot = jnp.where(valid, raw, 0)
-        hi = jnp.where(valid, eos, bos)  # end of the tokens that run (bos for padding)
-    else:
-        valid, slot, hi = jnp.bool_(True), n, eos
+    # Sequence m = p * per + j: two chains (one per TensorCore where there are two), each
+    # walking its sequences in order so the next state's load overlaps this step.
+    p, j = pl.program_id(0), pl.program_id(1)
+    per = pl.num_programs(1)
+    m = p * per + j
+    cur = jax.lax.rem(j, 2)
+    s_scr = s_buf.at[cur]
+    info = functools.partial(_seq_info, cu_ref, idx_ref, N=N, T_total=T_total, pool=pool,
+                             P=h0_hbm.shape[0] if has_h0 else 1)
+    live, valid, slot, bos, eos = info(m)
+    hi = jnp.where(valid, eos, bos)  # end of the tokens that run (bos for padding)
+
+    def load(slot_, buf):
+        return pltpu.make_async_copy(h0_hbm.at[slot_], s_buf.at[buf], load_sems.at[buf])
+
+    def store(slot_, buf):
+        return pltpu.make_async_copy(s_buf.at[buf], ht_hbm.at[slot_], store_sems.at[buf])
+
+    if store_ht:  # the other buffer is free once the previous step's store has landed
+        _, valid_p, slot_p, _, _ = info(m - 1)
+
+        @pl.when((j >= 1) & valid_p)
+        def _():
+            store(slot_p, 1 - cur).wait()
 
     if has_h0:
+        @pl.when((j == 0) & valid)
+        def _():
+            load(slot, cur).start()
+
+        _, valid_n, slot_n, _, _ = info(m + 1)
+
+        @pl.when((j + 1 < per) & valid_n)
+        def _():
+            load(slot_n, 1 - cur).start()
+
         @pl.when(valid)
         def _():
-            pltpu.sync_copy(h0_hbm.at[slot], s_scr)
+            load(slot, cur).wait()
 
         @pl.when(jnp.logical_not(valid))
         def _():
@@ -164,10 +207,10 @@ def _kernel(cu_ref, idx_ref, *refs, T_total, group, scale, l2, kda, layout, has_
 
     if ns:
         # snapshot slots before the first token hold the initial state
-        n_init = jnp.clip(ns - (hi - bos), 0, ns)
+        n_init = jnp.where(live, jnp.clip(ns - (hi - bos), 0, ns), 0)
 
-        def init_snap(j, c):
-            pltpu.sync_copy(s_scr, snap_hbm.at[n, j])
+        def init_snap(i, c):
+            pltpu.sync_copy(s_scr, snap_hbm.at[m, i])
             return c
 
         jax.lax.fori_loop(0, n_init, init_snap, 0)
@@ -214,7 +257,7 @@ def _kernel(cu_ref, idx_ref, *refs, T_total, group, scale, l2, kda, layout, has_
         if ns:
             @pl.when(t >= first_snap)
             def _():
-                pltpu.sync_copy(s_scr, snap_hbm.at[n, t - first_snap])
+                pltpu.sync_copy(s_scr, snap_hbm.at[m, t - first_snap])
         return c
 
     jax.lax.fori_loop(bos, hi, token, 0)
@@ -231,7 +274,11 @@ def _kernel(cu_ref, idx_ref, *refs, T_total, group, scale, l2, kda, layout, has_
     if store_ht:
         @pl.when(valid)
         def _():
-            pltpu.sync_copy(s_scr, ht_hbm.at[slot])
+            store(slot, cur).start()
+
+        @pl.when((j + 1 == per) & valid)
+        def _():
+            store(slot, cur).wait()
 
 
 def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
@@ -292,14 +339,15 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
     # operand 2 + 5 is the state (after the two scalar-prefetch operands and five inputs)
     aliases = {7: 1} if (has_h0 and output_final_state and (alias_state or pool)) else {}
     scratch = [
-        pltpu.VMEM((Hv,) + tile, F32),
+        pltpu.VMEM((2, Hv) + tile, F32),
         pltpu.VMEM((Hk, K), q.dtype), pltpu.VMEM((Hk, K), q.dtype), pltpu.VMEM((Hv, V), q.dtype),
         pltpu.VMEM((Hk, K), F32), pltpu.VMEM((Hk, K), F32), pltpu.VMEM((Hv, V), F32),
         pltpu.VMEM((Hv, V), F32), pltpu.VMEM((Hv, V), q.dtype),
         pltpu.SMEM((Hv,), F32),
         pltpu.VMEM((Hv, K) if kda else (1, 128), gdt), pltpu.VMEM((Hv, K) if kda else (1, 128), F32),
         pltpu.SMEM((1,) if kda else (Hv,), F32),
-        pltpu.SemaphoreType.DMA((5,)),
+        pltpu.SemaphoreType.DMA((5,)), pltpu.SemaphoreType.DMA((2,)),
+        pltpu.SemaphoreType.DMA((2,)),
     ]
     isz = jnp.dtype(q.dtype).itemsize
     state_bytes = N * Hv * K * V * 4
@@ -310,7 +358,7 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
                            + Tt * (2 * Hk * K + 2 * Hv * V) * isz
                            + Tt * Hv * ((K * jnp.dtype(gdt).itemsize) if kda else 4) + Tt * Hv * 4))
     kernel = functools.partial(
-        _kernel, T_total=Tt, group=Hv // Hk, scale=float(scale), l2=bool(use_qk_l2norm),
+        _kernel, N=N, T_total=Tt, group=Hv // Hk, scale=float(scale), l2=bool(use_qk_l2norm),
         kda=kda, layout=state_layout, has_h0=has_h0, store_ht=bool(output_final_state),
         pool=pool, ns=ns)
     name = (f"gdn_tpu_recurrent_{'kda' if kda else 'gda'}_k{K}_v{V}_{state_layout}"
@@ -319,14 +367,14 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
     outs = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(N,),
+            num_scalar_prefetch=2, grid=(2, -(-N // 2)),
             in_specs=[tc.any_spec()] * len(args),
             out_specs=[tc.any_spec()] * len(out_shape),
             scratch_shapes=scratch),
         out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=tc.compiler_params(
-            ("parallel",), vmem_bytes(Hk, Hv, K, V, isz, kda)),
+            ("parallel", "arbitrary"), vmem_bytes(Hk, Hv, K, V, isz, kda)),
         cost_estimate=cost,
         interpret=tc.interpret_arg(interpret),
         name=name,
