@@ -10,15 +10,11 @@ import numpy as np
 import pytest
 
 from gdn_jax import layers, weights
+from helpers import rel_err
 
 GDN_CFG = layers.GatedDeltaNetConfig(hidden_size=32, num_k_heads=2, num_v_heads=4, head_k_dim=16,
                                      head_v_dim=8)
 KDA_CFG = layers.KimiDeltaAttentionConfig(hidden_size=32, num_heads=2, head_dim=16)
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def setup(kind, seed=0):
@@ -64,8 +60,8 @@ def test_prefill_then_decode_equals_one_prefill(kind):
         ys.append(y_t)
     y3, cache = jfn(params, x[:, T1 + T2:], cache)  # continued prefill
     ys.append(y3)
-    assert rel(jnp.concatenate(ys, 1), y_full) < 1e-5
-    assert rel(cache.recurrent_state, cache_full.recurrent_state) < 1e-5
+    assert rel_err(jnp.concatenate(ys, 1), y_full) < 1e-5
+    assert rel_err(cache.recurrent_state, cache_full.recurrent_state) < 1e-5
     np.testing.assert_allclose(cache.conv_state, cache_full.conv_state, rtol=1e-6, atol=1e-6)
 
 
@@ -85,8 +81,8 @@ def test_impls_agree(kind):
     y_ref, c_ref = jax.jit(functools.partial(fn, impl="reference"))(params, x)
     for impl in ("recurrent", "chunked"):
         y, c = jax.jit(functools.partial(fn, impl=impl, backend="xla"))(params, x)
-        assert rel(y, y_ref) < 1e-4, impl
-        assert rel(c.recurrent_state, c_ref.recurrent_state) < 1e-4, impl
+        assert rel_err(y, y_ref) < 1e-4, impl
+        assert rel_err(c.recurrent_state, c_ref.recurrent_state) < 1e-4, impl
 
 
 @pytest.mark.parametrize("kind", ["gdn", "kda"])
@@ -115,7 +111,7 @@ def test_grads_match_reference_autodiff():
     g_ref = jax.jit(jax.grad(loss), static_argnums=1)(params, "reference")
     g_op = jax.jit(jax.grad(loss), static_argnums=1)(params, "auto")
     for k in params:
-        assert rel(g_op[k], g_ref[k]) < 1e-4, k
+        assert rel_err(g_op[k], g_ref[k]) < 1e-4, k
 
 
 def test_attention_mask_zeroes_padding():
@@ -271,7 +267,7 @@ def test_hybrid_model_decode_matches_full_forward_and_trains():
     l1, cache = step(params, seq[:, :7], hm.init_cache(cfg, 2, 10))
     l2, cache = step(params, seq[:, 7:8], cache)
     assert int(cache.pos) == 8
-    assert rel(jnp.concatenate([l1, l2], 1), full[:, :8]) < 1e-5
+    assert rel_err(jnp.concatenate([l1, l2], 1), full[:, :8]) < 1e-5
     # one training step: finite loss and gradients through the op, loss goes down on a batch
     opt = hm.adam_init(params)
     tokens = jnp.asarray(hm.toy_batch(np.random.default_rng(1), 4, 12, cfg.vocab_size))

@@ -14,14 +14,9 @@ import pytest
 from gdn_jax.kernels import recurrent
 from gdn_jax.lowering import lower
 from gdn_jax.reference import reference_gated_delta_net
+from helpers import assert_pallas, rel_err, tolerance
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
-TOL = {jnp.dtype(F32): 1e-5, jnp.dtype(BF16): 1e-2, jnp.dtype(F16): 5e-3}
-
-
-def pallas_in_jaxpr(fn, *args) -> bool:
-    """True when the traced program of fn(*args) contains a pallas_call (at any depth)."""
-    return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
 
 
 def make_inputs(B, T, Hk, Hv, K, V, *, kda, dtype, seed=0, gate_dtype=F32, g_scale=1.0):
@@ -33,11 +28,6 @@ def make_inputs(B, T, Hk, Hv, K, V, *, kda, dtype, seed=0, gate_dtype=F32, g_sca
     beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, Hv)))
     h0 = jax.random.normal(ks[5], (B, Hv, K, V), F32)
     return q, k, v, g.astype(gate_dtype), beta.astype(gate_dtype), h0
-
-
-def rel(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
 def to_layout(s, layout):
@@ -75,14 +65,14 @@ def test_matches_reference(B, T, Hk, Hv, K, V, kda, dtype, has_h0, l2, layout, h
                                          output_final_state=ht, interpret=True,
                                          state_layout=layout)
 
-    assert pallas_in_jaxpr(fn, q, k, v, g, beta, init)
+    assert_pallas(fn, q, k, v, g, beta, init)
     o, s = jax.jit(fn)(q, k, v, g, beta, init)
     assert o.dtype == q.dtype and o.shape == (B, T, Hv, V)
-    tol = TOL[jnp.dtype(dtype)]
-    assert rel(o, o_ref) < tol
+    tol = tolerance("recurrent", dtype)[0]
+    assert rel_err(o, o_ref) < tol
     if ht:
         assert s.dtype == jnp.float32
-        assert rel(to_layout(s, layout), s_ref) < tol
+        assert rel_err(to_layout(s, layout), s_ref) < tol
     else:
         assert s is None
 
@@ -117,8 +107,8 @@ def test_decode_loop_in_vk_layout():
         o, s = step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], beta[:, t:t + 1], s)
         os_.append(o)
     o_ref, s_ref = reference_gated_delta_net(q, k, v, g, beta, h0, scale=0.3, use_qk_l2norm=True)
-    assert rel(jnp.concatenate(os_, axis=1), o_ref) < 1e-5
-    assert rel(jnp.swapaxes(s, -1, -2), s_ref) < 1e-5
+    assert rel_err(jnp.concatenate(os_, axis=1), o_ref) < 1e-5
+    assert rel_err(jnp.swapaxes(s, -1, -2), s_ref) < 1e-5
 
 
 def test_strong_decay_is_clamped_and_finite():
@@ -129,7 +119,7 @@ def test_strong_decay_is_clamped_and_finite():
     o, s = jax.jit(lambda *a: recurrent.fused_recurrent(*a, scale=0.25, use_qk_l2norm=True,
                                                         interpret=True))(q, k, v, g, beta, h0)
     assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(s)).all()
-    assert rel(o, o_ref) < 1e-5 and rel(s, s_ref) < 1e-5
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 
 def test_state_is_aliased_to_final_state():
