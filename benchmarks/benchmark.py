@@ -36,11 +36,11 @@ from gdn_jax.benchmarking import (Progress, Shape, copy_time_ms, make_inputs, ta
                                   time_jitted, yardstick_scan)
 
 
-def _op(impl, backend="xla", interpret=False, donate=False):
+def _op(impl, backend="xla", interpret=False, donate=False, state_layout="kv"):
     def fn(q, k, v, g, beta, h0):
         return gated_delta_net(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                use_qk_l2norm_in_kernel=True, impl=impl, backend=backend,
-                               interpret=interpret)
+                               interpret=interpret, state_layout=state_layout)
     return jax.jit(fn, donate_argnums=(5,) if donate else ())
 
 
@@ -90,22 +90,31 @@ def decode(reps: int, modes=("GDA", "KDA")):
     nbytes = h0.size * 4
     copy = copy_time_ms(nbytes, reps=50)
     rows = []
-    jobs = [("recurrent (xla)", "recurrent"), ("chunked (xla)", "chunked")]
+    # Both state layouts of each path, interleaved, so "vk" / "kv" is read within one run.
+    jobs = [(f"{impl} (xla)", impl, layout) for impl in ("recurrent", "chunked")
+            for layout in ("kv", "vk")]
     with Progress(len(jobs) * len(modes)) as p:
         for kda in (False, True):
             if ("KDA" if kda else "GDA") not in modes:
                 continue
             s = shape._replace(kda=kda)
             a, h = make_inputs(s)
-            for name, impl in jobs:
-                fn = _op(impl, donate=True)
-                t = time_jitted(fn, *a, h, reps=reps, min_time_s=0.5, fresh_args=lambda: (*a, h + 0.0))
-                rows.append(["KDA" if kda else "GDA", name, t.median_ms, t.min_ms,
-                             f"{t.median_ms / copy.median_ms:.2f}x", f"{t.min_ms / copy.min_ms:.2f}x"])
-                p.step(f"{'KDA' if kda else 'GDA'} {name}")
+            kv_ms = {}
+            for name, impl, layout in jobs:
+                hl = h if layout == "kv" else jnp.swapaxes(h, -1, -2) + 0.0
+                fn = _op(impl, donate=True, state_layout=layout)
+                t = time_jitted(fn, *a, hl, reps=reps, min_time_s=0.5,
+                                fresh_args=lambda hl=hl: (*a, hl + 0.0))
+                if layout == "kv":
+                    kv_ms[impl] = t.median_ms
+                rows.append(["KDA" if kda else "GDA", name, layout, t.median_ms, t.min_ms,
+                             f"{t.median_ms / copy.median_ms:.2f}x", f"{t.min_ms / copy.min_ms:.2f}x",
+                             f"{t.median_ms / kv_ms[impl]:.2f}x"])
+                p.step(f"{'KDA' if kda else 'GDA'} {name} {layout}")
     print(f"\nDecode step {shape}, float32, state donated ({nbytes / 2**20:.0f} MiB); "
           f"np.copyto of the state: median {copy.median_ms:.2f} ms, best {copy.min_ms:.2f} ms")
-    print(table(rows, ["mode", "path", "median ms", "best ms", "median / copy", "best / best copy"]))
+    print(table(rows, ["mode", "path", "layout", "median ms", "best ms", "median / copy",
+                       "best / best copy", "vs kv"]))
 
 
 def sweep(reps: int, quick: bool, plot: str | None):

@@ -158,16 +158,25 @@ def _xla_fn(cfg: _Config, impl: str):
     path = functools.partial(XLA_PATHS[impl], scale=cfg.scale, use_qk_l2norm=cfg.use_qk_l2norm)
     if cfg.num_snapshots:
         path = functools.partial(path, num_snapshots=cfg.num_snapshots)
+    # The fast paths compute in the caller's layout; the reference (the oracle) sees "kv".
+    native = impl != "reference"
+    if native:
+        path = functools.partial(path, state_layout=cfg.state_layout)
+    layout = cfg.state_layout if native else "kv"
+
+    def to_path(x):
+        return x if native else _to_kv(cfg, x)
 
     def per_sequence(q, k, v, g, beta, h0, cu):
         K = q.shape[3]
         Hv, V = v.shape[2:]
         N = q.shape[0] if cu is None else cu.shape[0] - 1
-        h0 = jnp.zeros((N, Hv, K, V), jnp.float32) if h0 is None else _to_kv(cfg, h0)
+        shape = (N, Hv, V, K) if layout == "vk" else (N, Hv, K, V)
+        h0 = jnp.zeros(shape, jnp.float32) if h0 is None else to_path(h0)
         res = path(q, k, v, g, beta, h0, **({} if cu is None else {"cu_seqlens": cu}))
         o, ht = res[:2]
         snaps = res[2] if cfg.num_snapshots else None
-        return o, _to_kv(cfg, ht), _to_kv(cfg, snaps)
+        return o, to_path(ht), to_path(snaps)
 
     pooled = _pooled(cfg, per_sequence)
 
@@ -356,11 +365,13 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                         state_indices=state_indices, num_snapshots=num_snapshots,
                         output_final_state=output_final_state)
     num_snapshots = int(num_snapshots)
+    impl = _resolve_impl(impl, dims, num_snapshots)  # option conflicts raise even at T == 0
+    if impl == "reference" and backend == "pallas":
+        _resolve_backend(backend, impl, interpret, None, state_layout, {})  # raises
     if dims.T == 0:  # nothing to run: the states pass through
         return _empty_call(q, v, initial_state, cu_seqlens, state_indices, dims,
                            output_final_state=output_final_state, num_snapshots=num_snapshots,
                            state_layout=state_layout)
-    impl = _resolve_impl(impl, dims, num_snapshots)
     varlen = dict(cu_seqlens=cu_seqlens, state_indices=state_indices, num_snapshots=num_snapshots)
     backend = _resolve_backend(backend, impl, interpret, (q, k, v, g, beta, initial_state),
                                state_layout, varlen)

@@ -93,7 +93,8 @@ def _kda_pair_terms(k, q, b, Gc):
 
 
 def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
-                            use_qk_l2norm: bool = False, chunk_size: int = 64, cu_seqlens=None):
+                            use_qk_l2norm: bool = False, chunk_size: int = 64, cu_seqlens=None,
+                            state_layout: str = "kv"):
     """Chunk-parallel gated delta rule; GDA or KDA by the shape of g.
 
     q, k: [B, T, Hk, K]; v: [B, T, Hv, V]; g: [B, T, Hv] (GDA) or [B, T, Hv, K] (KDA);
@@ -107,6 +108,9 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     [N, Hv, K, V]. The tokens are laid out chunk-aligned (`_varlen.chunk_layout`): every
     sequence starts a chunk, so a boundary never falls inside one; the scan resets the state
     at each sequence's first chunk and the final states are read from the per-chunk states.
+
+    state_layout="vk": initial and final states are `[.., Hv, V, K]` and the carried state
+    stays in that layout (its two dots contract it where it lies; no transpose of the state).
     """
     if chunk_size <= 0 or chunk_size % SUB:
         raise ValueError(f"chunk_size must be a positive multiple of {SUB}, got {chunk_size}")
@@ -141,7 +145,9 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     last = i == C - 1
 
     N = initial_state.shape[0]
-    h0_all = initial_state.astype(jnp.float32).reshape(N, Hk, G, K, V)
+    vk = state_layout == "vk"
+    s_shape = (V, K) if vk else (K, V)
+    h0_all = initial_state.astype(jnp.float32).reshape((N, Hk, G) + s_shape)
 
     def step(S, n):
         if layout is not None:  # a sequence's first chunk starts from its own initial state
@@ -188,11 +194,15 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
         # One dot of the state against [beta exp(G) K ; exp(G) Q]. Then the corrected values
         # Vn = (I + A)^-1 (beta V - beta exp(G) K S) by forward substitution (no W, U), the
         # output exp(G) Q S + P Vn and the state update.
-        Y = _dot("...ck,...kv->...cv", jnp.concatenate([bK, eQ], axis=-2), S)
+        Y = _dot("...ck,...vk->...cv" if vk else "...ck,...kv->...cv",
+                 jnp.concatenate([bK, eQ], axis=-2), S)
         X = b_c[..., None] * v_c - Y[..., :C, :]
         Vn = _solve_unit_lower(A, X)
         o_c = Y[..., C:, :] + _dot("...ij,...jv->...iv", P, Vn)
-        S = dec * S + _dot("...ck,...cv->...kv", kd, Vn)
+        if vk:
+            S = jnp.swapaxes(dec, -1, -2) * S + _dot("...cv,...ck->...vk", Vn, kd)
+        else:
+            S = dec * S + _dot("...ck,...cv->...kv", kd, Vn)
         o_c = o_c.transpose(0, 3, 1, 2, 4).reshape(B, C, Hv, V)
         return S, ((o_c, S[0]) if layout is not None else o_c)
 
@@ -201,11 +211,11 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     if layout is None:
         S, o = jax.lax.scan(jax.checkpoint(step), h0_all, jnp.arange(NC))  # o: [NC, B, C, Hv, V]
         o = jnp.moveaxis(o, 0, 1).reshape(B, Tp, Hv, V)[:, pad:]
-        return o.astype(out_dtype), S.reshape(B, Hv, K, V)
-    S_in = jnp.zeros((1, Hk, G, K, V), jnp.float32)
+        return o.astype(out_dtype), S.reshape((B, Hv) + s_shape)
+    S_in = jnp.zeros((1, Hk, G) + s_shape, jnp.float32)
     _, (o, states) = jax.lax.scan(jax.checkpoint(step), S_in, jnp.arange(NC))
     o = from_aligned(jnp.moveaxis(o, 0, 1).reshape(1, Tp, Hv, V), layout)
     # each sequence's final state: the state after its last chunk (its initial one if empty)
     ends = jnp.take(states, jnp.maximum(layout.last_chunk, 0), axis=0)
     final = jnp.where((layout.last_chunk >= 0)[:, None, None, None, None], ends, h0_all)
-    return o.astype(out_dtype), final.reshape(N, Hv, K, V)
+    return o.astype(out_dtype), final.reshape((N, Hv) + s_shape)
