@@ -22,18 +22,30 @@ def choose_block_v(B: int, Hv: int, V: int, K: int) -> int:
     return min(V, 32 if K <= 128 else 16)
 
 
+X3 = "bf16x3"   # `_dot`'s lp for near-float32 dots on tensor cores (16-bit input kernels)
+
+
 def _dot(a, b, *, ta=False, tb=False, lp=None):
     """a @ b (a^T if ta, b^T if tb) with float32 accumulation.
 
-    lp: None -> float32 operands at full precision (HIGHEST, IEEE in Triton); a 16-bit dtype ->
-    both operands cast to it (tensor cores), float32 accumulation.
+    lp: None -> float32 operands at full precision (HIGHEST, IEEE FMAs in Triton); a 16-bit
+    dtype -> both operands cast to it (tensor cores); X3 -> float32 operands split into bf16
+    high and low parts, three tensor-core dots (about 16 mantissa bits: float32-like for the
+    WY chain of 16-bit inputs, where IEEE FMA dots of [C, K] tiles would not fit the registers).
     """
     if lp is None:
         a, b, prec = a.astype(F32), b.astype(F32), HIGHEST
+    elif lp == X3:
+        a, b, prec = a.astype(F32), b.astype(F32), jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3
     else:
         a, b, prec = a.astype(lp), b.astype(lp), None
     dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=F32)
+
+
+def _hp(lp):
+    """The `_dot` lp of a kernel's float32-internal dots: HIGHEST for float32 inputs, X3 else."""
+    return None if lp is None else X3
 
 
 def _iota(n, m, axis):

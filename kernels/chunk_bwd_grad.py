@@ -1,6 +1,24 @@
-"""The gradient kernels, grid (B, Hv, NC, V / BV), all parallel: per chunk and value block,
-from the inputs, the chunk's entering state S_c and state gradient dH_c: dv and partial sums
-(per value block) of dq, dk, dbeta, dg."""
+"""The gradient kernels: two per chunk, grid (B, Hv, NC), all parallel; together they do the
+chunk's backward once, nothing of the WY stage or the state pass recomputed.
+
+Inputs besides q, k, v, g, beta, dO: from the forward recompute the state entering the chunk
+S_c, Vn and Tm = (I + A)^-1 (KDA: also A / beta); from the reverse pass the state gradient at
+the chunk's end dH_c and dVn. Each kernel reduces its V-dependent products over value blocks
+of BV columns in an on-chip loop (no per-block partial sums), then does its V-independent work:
+
+1. `_dqv_chunk` (output side): dP = dO Vn^T, X = dVn v^T, dOS = dO S^T, dv = beta (Tm^T dVn);
+   then dq (complete), P's terms of dk and dG (partial, float32 [.., K] / [..]).
+2. `_dk_chunk` (state and WY sides): dKd = Vn dH^T, dW = -dVn S^T, sum(S * dH); then
+   dbK = Tm^T dW, dT = dW bK^T + X diag(beta), dA = -Tm^T dT Tm^T, A's terms (GDA:
+   A = beta KK D; KDA: `chunk_kda._kda_pairs_bwd`), dk (complete), dbeta, and dg = the in-chunk
+   reverse cumulative sum of dG.
+
+16-bit inputs: the products with 16-bit operands on tensor cores; the WY chain's float32
+products (Tm, dW, dT, dA) as bf16x3 tensor-core dots (`_chunk_ops.X3`). dq, dk are per value
+head (the head group is summed in XLA). Strong decay: exactly-one decay factors (P's diagonal,
+Kd of the chunk's last real token) are constants and their dG terms are masked out instead of
+cancelling (SPEC section 4).
+"""
 from __future__ import annotations
 
 import functools
@@ -10,203 +28,276 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from ._chunk_ops import (CHUNK, F32, _causal_decay, _chunk_A, _dot, _gates, _inv_unit_lower,
-                         _iota, _is_kda, _num_chunks, _qk_chunk, _rows, _store_rows)
+from ._chunk_ops import (CHUNK, F32, _causal_decay, _chunk_A, _dot, _gates, _hp, _iota, _is_kda,
+                         _num_chunks, _qk_chunk, _rows, _store_rows)
 from ._chunk_varlen import _span, _table_args
 from .chunk_kda import _kda_gates, _kda_pairs_bwd
 
 
-def _grad_kernel(*refs, T, C, scale, l2, lp, varlen=False, kda=False):
-    """Gradients of one chunk and V-block. varlen: refs start with the chunk table; the chunk's
-    rows come from it and unused trailing chunks do nothing (their outputs are all masked)."""
+def choose_grad_block_v(V: int, K: int) -> int:
+    """Value columns per step of the gradient kernel's V loop: 32 at K <= 128, 16 at K = 256
+    (the [K, BV] state and state-gradient blocks next to the [C, K] accumulators)."""
+    return min(V, 32 if K <= 128 else 16)
+
+
+def _cols(ref, t0, n, T, j, bv):
+    """Rows t0 .. t0+n-1, columns j*bv .. (j+1)*bv-1 of a [T, V] ref, zeros beyond T."""
+    idx = t0 + _iota(n, bv, 0)
+    return plt.load(ref.at[pl.ds(t0, n), pl.ds(j * bv, bv)], mask=idx < T, other=0.0)
+
+
+def _value_loop(v_ref, do_ref, vn_ref, dvn_ref, hs_ref, dv_ref, Tm, beta, *, t0, T, C, lp, bv):
+    """The output side of one chunk, reduced over V: dP = dO Vn^T, X = dVn v^T ([C, C]),
+    dOS = dO S^T ([C, K]); and dv = beta (Tm^T dVn), stored block by block. A loop, not
+    unrolled: one value block's operands are live at a time."""
+    K, V = hs_ref.shape
+
+    def body(j, carry):
+        dP, X, dOS = carry
+        dO = _cols(do_ref, t0, C, T, j, bv)
+        Vn = _cols(vn_ref, t0, C, T, j, bv)
+        dVn = _cols(dvn_ref, t0, C, T, j, bv)
+        v = _cols(v_ref, t0, C, T, j, bv)
+        S = hs_ref[:, pl.ds(j * bv, bv)]
+        dbV = _dot(Tm, dVn, ta=True, lp=_hp(lp))
+        idx = t0 + _iota(C, bv, 0)
+        plt.store(dv_ref.at[pl.ds(t0, C), pl.ds(j * bv, bv)],
+                  (beta[:, None] * dbV).astype(dv_ref.dtype), mask=idx < T)
+        return (dP + _dot(dO, Vn, tb=True, lp=lp), X + _dot(dVn, v, tb=True, lp=lp),
+                dOS + _dot(dO, S, tb=True, lp=lp))
+
+    z = jnp.zeros((C, C), F32)
+    return jax.lax.fori_loop(0, V // bv, body, (z, z, jnp.zeros((C, K), F32)))
+
+
+def _state_loop(vn_ref, dvn_ref, hs_ref, dhs_ref, *, t0, T, C, lp, bv, per_key):
+    """The state side of one chunk, reduced over V: dKd = Vn dH^T, dW = -dVn S^T ([C, K])
+    and sum(S * dH) (per key for KDA)."""
+    K, V = hs_ref.shape
+
+    def body(j, carry):
+        dKd, dW, sSdH = carry
+        Vn = _cols(vn_ref, t0, C, T, j, bv)
+        dVn = _cols(dvn_ref, t0, C, T, j, bv)
+        S = hs_ref[:, pl.ds(j * bv, bv)]
+        dH = dhs_ref[:, pl.ds(j * bv, bv)]
+        SdH = S.astype(F32) * dH.astype(F32)
+        sSdH = sSdH + (jnp.sum(SdH, axis=1) if per_key else jnp.sum(SdH))
+        return dKd + _dot(Vn, dH, tb=True, lp=lp), dW - _dot(dVn, S, tb=True, lp=lp), sSdH
+
+    z = jnp.zeros((C, K), F32)
+    s0 = jnp.zeros((K,), F32) if per_key else jnp.zeros((), F32)
+    return jax.lax.fori_loop(0, V // bv, body, (z, z, s0))
+
+
+def _per_chunk(body, *refs, T, C, varlen, **kw):
+    """Runs body(*refs, t0=, T=end, C=, **kw) for this program's chunk. varlen: refs start with
+    the chunk table; unused trailing chunks do nothing (their outputs are all masked)."""
     ctab_ref = refs[0] if varlen else None
     t0, end = _span(ctab_ref, pl.program_id(2), C, T)
-    kern = functools.partial(_grad_chunk_kda if kda else _grad_chunk,
-                             *(refs[1:] if varlen else refs), t0=t0, T=end, C=C,
-                             scale=scale, l2=l2, lp=lp)
+    kern = functools.partial(body, *(refs[1:] if varlen else refs), t0=t0, T=end, C=C, **kw)
     if varlen:
         pl.when(end > t0)(kern)
     else:
         kern()
 
 
-def _grad_chunk(q_ref, k_ref, v_ref, g_ref, b_ref, do_ref, hs_ref, dhs_ref,
-                dq_ref, dk_ref, dv_ref, db_ref, dg_ref, *, t0, T, C, scale, l2, lp):
-    """The chunk's backward; T is the exclusive end of its real rows (a packed-token index)."""
-    last = jnp.minimum(C, T - t0) - 1          # the chunk's last real row
+def _dqv_chunk(q_ref, k_ref, g_ref, b_ref, v_ref, do_ref, vn_ref, dvn_ref, hs_ref, tm_ref,
+               dq_ref, dk_ref, dv_ref, dg_ref, x_ref, *, t0, T, C, scale, l2, lp, bv, kda):
+    """Kernel 1 of a chunk's backward: the output side. dv; dq (complete); the P terms of dk and
+    dG (partial, completed by kernel 2); X for kernel 2's WY terms."""
+    if kda:
+        beta, G, _ = _kda_gates(g_ref, b_ref, t0, C, T)
+    else:
+        _, beta, G, _ = _gates(g_ref, b_ref, t0, C, T)
+    Tm = _rows(tm_ref, t0, C, T)
+    dP, X, dOS = _value_loop(v_ref, do_ref, vn_ref, dvn_ref, hs_ref, dv_ref, Tm, beta, t0=t0, T=T,
+                             C=C, lp=lp, bv=bv)
+    _store_rows(x_ref, t0, X, T)
     q, k = _qk_chunk(q_ref, k_ref, t0, C, T, l2, scale)
-    v = _rows(v_ref, t0, C, T).astype(F32)
-    dO = _rows(do_ref, t0, C, T).astype(F32)
-    _, beta, G, Gl = _gates(g_ref, b_ref, t0, C, T)
-    S = hs_ref[...]
-    dH = dhs_ref[...]
     ii, jj = _iota(C, C, 0), _iota(C, C, 1)
-    strict = ii > jj
-    row = jnp.arange(C)
+    dP = jnp.where(ii >= jj, dP, 0.0)
     eG = jnp.exp(G)
-    # --- recompute the chunk's forward
-    A, KK, D = _chunk_A(k, beta, G, lp)
-    Tm = _inv_unit_lower(A)
-    bK = (beta * eG)[:, None] * k
-    bV = beta[:, None] * v
-    W = _dot(Tm, bK, lp=lp)
-    U = _dot(Tm, bV, lp=lp)
-    Vn = U - _dot(W, S, lp=lp)
-    Dc = _causal_decay(G)
-    P = _dot(q, k, tb=True, lp=lp) * Dc
-    dec = jnp.exp(Gl - G)                      # exp(0) = 1 exactly for the last real row
-    Kd = k * dec[:, None]
-    # --- output and state update
-    dVn = _dot(P, dO, ta=True, lp=lp) + _dot(Kd, dH, lp=lp)
-    dP = jnp.where(ii >= jj, _dot(dO, Vn, tb=True, lp=lp), 0.0)
-    dQK = dP * Dc
-    dOS = _dot(dO, S, tb=True, lp=lp)          # [C, K]
-    dq = _dot(dQK, k, lp=lp) + eG[:, None] * dOS
-    dk = _dot(dQK, q, ta=True, lp=lp)
-    MP = jnp.where(strict, dP * P, 0.0)        # the diagonal (factor 1) stays out of dG
-    dG = jnp.sum(MP, axis=1) - jnp.sum(MP, axis=0) + eG * jnp.sum(q * dOS, axis=1)
-    dKd = _dot(Vn, dH, tb=True, lp=lp)         # [C, K]
-    dk = dk + dec[:, None] * dKd
-    t = jnp.where(row == last, 0.0, dec * jnp.sum(k * dKd, axis=1))
-    dG = dG - t + jnp.where(row == C - 1, jnp.sum(t) + jnp.exp(Gl) * jnp.sum(S * dH), 0.0)
-    # --- Vn = U - W S, W = Tm bK, U = Tm bV, Tm = (I + A)^-1
-    dW = -_dot(dVn, S, tb=True, lp=lp)         # [C, K]
-    dT = _dot(dW, bK, tb=True) + _dot(dVn, bV, tb=True)
-    dbK = _dot(Tm, dW, ta=True)
-    dbV = _dot(Tm, dVn, ta=True)
-    dA = jnp.where(strict, -_dot(Tm, _dot(dT, Tm, tb=True), ta=True), 0.0)
-    dv = beta[:, None] * dbV
-    kdbK = jnp.sum(k * dbK, axis=1)
-    dbeta = jnp.sum(v * dbV, axis=1) + eG * kdbK
-    dk = dk + (beta * eG)[:, None] * dbK
-    dG = dG + beta * eG * kdbK
-    # --- A = strict(beta_i KK_ij D_ij)
-    dbeta = dbeta + jnp.sum(dA * KK * D, axis=1)
-    dKK = dA * beta[:, None] * D
-    dk = dk + _dot(dKK, k) + _dot(dKK, k, ta=True)
-    MA = dA * A
-    dG = dG + jnp.sum(MA, axis=1) - jnp.sum(MA, axis=0)
-    # --- G = cumsum(g): dg_j = sum_{i >= j} dG_i
-    dg = jnp.sum(jnp.where(ii >= jj, dG[:, None], 0.0), axis=0)
+    if kda:   # O = (e^G q) S + P Vn, P = pairs(q, k) + diag(q . k) (`chunk_kda`)
+        dq = eG * dOS
+        dG = q * dq
+        (dxq,), dy = _kda_pairs_bwd([dP], [q], k, G, [lp])
+        dPd = jnp.sum(jnp.where(ii == jj, dP, 0.0), axis=1)[:, None]
+        dq = dq + dxq + dPd * k
+        dk = dy + dPd * q
+        dG = dG + q * dxq - k * dy
+    else:     # O = (e^G q) S + P Vn with P = (q k^T) (.) Dc
+        Dc = _causal_decay(G)
+        dQK = dP * Dc
+        dq = _dot(dQK, k, lp=lp) + eG[:, None] * dOS
+        dG = eG * jnp.sum(q * dOS, axis=1)
+        MP = jnp.where(ii > jj, dP * _dot(q, k, tb=True, lp=lp) * Dc, 0.0)  # diagonal: factor 1
+        dG = dG + jnp.sum(MP, axis=1) - jnp.sum(MP, axis=0)
+        dk = _dot(dQK, q, ta=True, lp=lp)
     _store_rows(dq_ref, t0, dq * scale, T)
     _store_rows(dk_ref, t0, dk, T)
-    _store_rows(dv_ref, t0, dv, T)
-    idx = t0 + row
-    plt.store(db_ref.at[pl.ds(t0, C)], dbeta.astype(db_ref.dtype), mask=idx < T)
-    plt.store(dg_ref.at[pl.ds(t0, C)], dg.astype(dg_ref.dtype), mask=idx < T)
+    if kda:
+        _store_rows(dg_ref, t0, dG, T)
+    else:
+        plt.store(dg_ref.at[pl.ds(t0, C)], dG, mask=t0 + jnp.arange(C) < T)
 
 
-def _grad_chunk_kda(q_ref, k_ref, v_ref, g_ref, b_ref, do_ref, hs_ref, dhs_ref, p_ref, a_ref,
-                    dq_ref, dk_ref, dv_ref, db_ref, dg_ref, *, t0, T, C, scale, l2, lp):
-    """The chunk's backward with per-key gates (G [C, K]); T is the exclusive end of its real rows.
-
-    The same chain as `_grad_chunk` with the pairwise terms read from the prep kernel (P and
-    A / beta, computed there by `_kda_pairs`) and their cotangents from `_kda_pairs_bwd`. Exactly-one factors stay constants: P's diagonal
-    (q_i . k_i, no gate in it) and the last real row's Kd factor (1, its dG terms masked)."""
-    K = q_ref.shape[-1]
+def _dk_chunk(k_ref, g_ref, b_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_ref, x_ref, dg1_ref,
+              dk_ref, da_ref, db_ref, dg_ref, *, t0, T, C, l2, lp, bv, kda):
+    """Kernel 2 of a chunk's backward: the state and WY sides. dA for kernel 3; its part of dk;
+    dbeta and dg with kernel 1's part added (A's terms follow in kernel 3)."""
+    K = k_ref.shape[-1]
+    if kda:
+        beta, G, Gl = _kda_gates(g_ref, b_ref, t0, C, T)
+    else:
+        _, beta, G, Gl = _gates(g_ref, b_ref, t0, C, T)
+    dKd, dW, sSdH = _state_loop(vn_ref, dvn_ref, hs_ref, dhs_ref, t0=t0, T=T, C=C, lp=lp, bv=bv,
+                                per_key=kda)
+    k, _ = _qk_chunk(k_ref, None, t0, C, T, l2, 1.0)
     last = jnp.minimum(C, T - t0) - 1          # the chunk's last real row
-    q, k = _qk_chunk(q_ref, k_ref, t0, C, T, l2, scale)
-    v = _rows(v_ref, t0, C, T).astype(F32)
-    dO = _rows(do_ref, t0, C, T).astype(F32)
-    beta, G, Gl = _kda_gates(g_ref, b_ref, t0, C, T)
-    S = hs_ref[...]
-    dH = dhs_ref[...]
-    ii, cc = _iota(C, C, 0), _iota(C, C, 1)
-    strict = ii > cc
-    row = _iota(C, K, 0)
     eG = jnp.exp(G)
-    # --- recompute the chunk's forward
-    Akk = _rows(a_ref, t0, C, T)               # pairs(k, k), float32
-    A = beta[:, None] * Akk
-    Tm = _inv_unit_lower(A)
-    bK = beta[:, None] * eG * k
-    bV = beta[:, None] * v
-    W = _dot(Tm, bK, lp=lp)
-    U = _dot(Tm, bV, lp=lp)
-    Vn = U - _dot(W, S, lp=lp)
-    P = _rows(p_ref, t0, C, T)                 # pairs(q, k) + diag(q . k), W's dtype
-    islast = row == last
-    dec = jnp.where(islast, 1.0, jnp.exp(jnp.where(islast, 0.0, Gl[None, :] - G)))
-    Kd = k * dec
-    # --- output and state update
-    dVn = _dot(P, dO, ta=True, lp=lp) + _dot(Kd, dH, lp=lp)
-    dP = jnp.where(ii >= cc, _dot(dO, Vn, tb=True, lp=lp), 0.0)
-    dq = eG * _dot(dO, S, tb=True, lp=lp)      # O = (e^G q) S + P Vn
-    dG = q * dq
-    dKd = _dot(Vn, dH, tb=True, lp=lp)         # [C, K]
-    dk = dec * dKd
-    t = jnp.where(islast, 0.0, Kd * dKd)       # d/dG_j of k_j e^(Gl - G_j); + the same for Gl
-    dGl = jnp.sum(t, axis=0) + jnp.exp(Gl) * jnp.sum(S * dH, axis=1)
-    dG = dG - t + jnp.where(row == C - 1, dGl[None, :], 0.0)
-    # --- Vn = U - W S, W = Tm bK, U = Tm bV, Tm = (I + A)^-1
-    dW = -_dot(dVn, S, tb=True, lp=lp)         # [C, K]
-    dT = _dot(dW, bK, tb=True) + _dot(dVn, bV, tb=True)
-    dbK = _dot(Tm, dW, ta=True)
-    dbV = _dot(Tm, dVn, ta=True)
-    dA = jnp.where(strict, -_dot(Tm, _dot(dT, Tm, tb=True), ta=True), 0.0)
-    dv = beta[:, None] * dbV
-    ekdbK = eG * k * dbK
-    dbeta = jnp.sum(v * dbV, axis=1) + jnp.sum(ekdbK, axis=1) + jnp.sum(dA * Akk, axis=1)
-    dk = dk + (beta[:, None] * eG) * dbK
-    dG = dG + beta[:, None] * ekdbK
-    # --- the pairwise terms: A = beta (.) pairs(k, k), P = pairs(q, k) + diag(q . k)
-    (dxk, dxq), dy = _kda_pairs_bwd([dA * beta[:, None], dP], [k, q], k, G, [None, lp])
-    dPd = jnp.sum(jnp.where(ii == cc, dP, 0.0), axis=1)[:, None]
-    dq = dq + dxq + dPd * k
-    dk = dk + dxk + dy + dPd * q
-    dG = dG + k * dxk + q * dxq - k * dy
-    # --- G = cumsum(g): dg_j = sum_{i >= j} dG_i (a masked dot: a sum, no cancellation)
-    dg = _dot(jnp.where(ii >= cc, 1.0, 0.0), dG, ta=True)
-    _store_rows(dq_ref, t0, dq * scale, T)
-    _store_rows(dk_ref, t0, dk, T)
-    _store_rows(dv_ref, t0, dv, T)
-    _store_rows(dg_ref, t0, dg, T)
+    hp = _hp(lp)
+    X = _rows(x_ref, t0, C, T)
+    Tm = _rows(tm_ref, t0, C, T)
+    # S' = e^Gl S + Kd^T Vn with Kd = k e^(Gl - G) (exactly 1 on the last real row); then
+    # Vn = U - W S, W = Tm bK, U = Tm bV with bK = beta e^G (.) k, Tm = (I + A)^-1
+    if kda:
+        row = _iota(C, K, 0)
+        islast = row == last
+        dec = jnp.where(islast, 1.0, jnp.exp(jnp.where(islast, 0.0, Gl[None, :] - G)))
+        dKd = dec * dKd
+        t = jnp.where(islast, 0.0, k * dKd)    # d/dG_j of k_j e^(Gl - G_j); + that for Gl
+        dGl = jnp.sum(t, axis=0) + jnp.exp(Gl) * sSdH
+        dG = _rows(dg1_ref, t0, C, T) - t + jnp.where(row == C - 1, dGl[None, :], 0.0)
+        bE = beta[:, None] * eG
+        dT = _dot(dW, bE * k, tb=True, lp=hp) + X * beta[None, :]
+        _store_dA(da_ref, t0, dT, Tm, T, hp)
+        dbK = _dot(Tm, dW, ta=True, lp=hp)
+        ekdbK = eG * k * dbK
+        dbeta = jnp.sum(ekdbK, axis=1)
+        dG = dG + beta[:, None] * ekdbK
+        _store_rows(dg_ref, t0, _revcumsum(dG, lp), T)
+    else:
+        row = jnp.arange(C)
+        dec = jnp.exp(Gl - G)
+        t = jnp.where(row == last, 0.0, dec * jnp.sum(k * dKd, axis=1))
+        dG = (_rows(dg1_ref, t0, C, T) - t
+              + jnp.where(row == C - 1, jnp.sum(t) + jnp.exp(Gl) * sSdH, 0.0))
+        dKd = dec[:, None] * dKd
+        bE = (beta * eG)[:, None]
+        dT = _dot(dW, k, tb=True, lp=hp) * bE.T + X * beta[None, :]
+        _store_dA(da_ref, t0, dT, Tm, T, hp)
+        dbK = _dot(Tm, dW, ta=True, lp=hp)
+        kdbK = jnp.sum(k * dbK, axis=1)
+        dbeta = eG * kdbK
+        dG = dG + bE[:, 0] * kdbK
+        plt.store(dg_ref.at[pl.ds(t0, C)], _revcumsum(dG, lp), mask=t0 + row < T)
+    _store_rows(dk_ref, t0, dKd + bE * dbK, T)
+    plt.store(db_ref.at[pl.ds(t0, C)], dbeta, mask=t0 + jnp.arange(C) < T)
+
+
+def _store_dA(da_ref, t0, dT, Tm, T, hp):
+    """dA = strict(-Tm^T dT Tm^T): Tm = (I + A)^-1, so dA = -Tm^T dTm Tm^T on A's support."""
+    C = dT.shape[0]
+    dA = -_dot(Tm, _dot(dT, Tm, tb=True, lp=hp), ta=True, lp=hp)
+    _store_rows(da_ref, t0, jnp.where(_iota(C, C, 0) > _iota(C, C, 1), dA, 0.0), T)
+
+
+def _revcumsum(dG, lp):
+    """G = cumsum(g) over the chunk: dg_j = sum_{i >= j} dG_i, for dG [C] (a masked row sum) or
+    [C, K] (a masked dot: a sum, no cancellation). Rows past the chunk's end carry dG terms (the
+    last row's), so this runs before anything is stored."""
+    C = dG.shape[0]
+    ii, jj = _iota(C, C, 0), _iota(C, C, 1)
+    if dG.ndim == 1:
+        return jnp.sum(jnp.where(ii >= jj, dG[:, None], 0.0), axis=0)
+    return _dot(jnp.where(ii >= jj, 1.0, 0.0), dG, ta=True, lp=_hp(lp))
+
+
+def _da_chunk(k_ref, g_ref, b_ref, tm_ref, x_ref, da_ref, dk1_ref, dk2_ref, db2_ref, dg2_ref,
+              *rest, t0, T, C, l2, lp, kda):
+    """Kernel 3 of a chunk's backward: A's terms (GDA: A = strict(beta KK D); KDA:
+    A = beta (.) pairs(k, k), `chunk_kda._kda_pairs_bwd`) added to dk, dbeta and dG; then
+    dg (the reverse cumulative sums of both parts of dG)."""
+    a_ref, dk_ref, db_ref, dg_ref = rest if kda else (None, *rest)
+    if kda:
+        beta, G, _ = _kda_gates(g_ref, b_ref, t0, C, T)
+    else:
+        _, beta, G, _ = _gates(g_ref, b_ref, t0, C, T)
+    k, _ = _qk_chunk(k_ref, None, t0, C, T, l2, 1.0)
+    dA = _rows(da_ref, t0, C, T)
     idx = t0 + jnp.arange(C)
-    plt.store(db_ref.at[pl.ds(t0, C)], dbeta.astype(db_ref.dtype), mask=idx < T)
+    db = plt.load(db2_ref.at[pl.ds(t0, C)], mask=idx < T, other=0.0)
+    # sum_V v (.) (Tm^T dVn) = column sums of Tm (.) X
+    db = db + jnp.sum(_rows(tm_ref, t0, C, T) * _rows(x_ref, t0, C, T), axis=0)
+    hp = _hp(lp)
+    if kda:
+        db = db + jnp.sum(dA * _rows(a_ref, t0, C, T), axis=1)
+        (dxk,), dy = _kda_pairs_bwd([dA * beta[:, None]], [k], k, G, [hp])
+        dk = dxk + dy
+        _store_rows(dg_ref, t0, _rows(dg2_ref, t0, C, T) + _revcumsum(k * dxk - k * dy, lp), T)
+    else:
+        A, KK, D = _chunk_A(k, beta, G, lp)
+        db = db + jnp.sum(dA * KK * D, axis=1)
+        dKK = dA * beta[:, None] * D
+        dk = _dot(dKK, k, lp=hp) + _dot(dKK, k, ta=True, lp=hp)
+        MA = dA * A
+        dg = (plt.load(dg2_ref.at[pl.ds(t0, C)], mask=idx < T, other=0.0)
+              + _revcumsum(jnp.sum(MA, axis=1) - jnp.sum(MA, axis=0), lp))
+        plt.store(dg_ref.at[pl.ds(t0, C)], dg.astype(dg_ref.dtype), mask=idx < T)
+    _store_rows(dk_ref, t0, dk + _rows(dk1_ref, t0, C, T) + _rows(dk2_ref, t0, C, T), T)
+    plt.store(db_ref.at[pl.ds(t0, C)], db.astype(db_ref.dtype), mask=idx < T)
 
 
-def choose_grad_block_v(V: int, K: int) -> int:
-    """Value columns per program of the gradient kernel: the [K, BV] state and state-gradient
-    tiles plus the [C, BV] value-side operands must fit the register file next to the
-    [C, K] key-side ones."""
-    return min(V, 32 if K <= 128 else 16)
-
-
-def _grad_call(q, k, v, g, beta, do, hs, dhs, *, scale, l2, lp, interpret, tabs=None, num_warps=8,
-               P=None, Akk=None):
-    """dq, dk, dbeta, dg as partial sums over the value blocks [NVB, ...]; dv whole.
-    KDA: P and A / beta from the prep kernel."""
+def _grad_call(q, k, v, g, beta, do, Vn, dVn, hs, dhs, Tm, *, scale, l2, lp, interpret, tabs=None,
+               num_warps=8, Akk=None):
+    """(dq, dk [B, T, Hv, K] float32 per value head, dv [B, T, Hv, V], dbeta [B, T, Hv] float32,
+    dg [B, T, Hv] or KDA [B, T, Hv, K] float32) by two kernels per chunk (module docstring).
+    KDA: A / beta from the prep kernel."""
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     NC = _num_chunks(T, tabs)
     bv = choose_grad_block_v(V, K)
-    nvb = V // bv
     group = Hv // Hk
-    qk = pl.BlockSpec((None, T, None, K), lambda n, h, c, x: (n, 0, h // group, 0))
-    vb = pl.BlockSpec((None, T, None, bv), lambda n, h, c, x: (n, 0, h, x))
-    gb = pl.BlockSpec((None, T, None), lambda n, h, c, x: (n, 0, h))
+    qk = pl.BlockSpec((None, T, None, K), lambda n, h, c: (n, 0, h // group, 0))
+    vh = pl.BlockSpec((None, T, None, V), lambda n, h, c: (n, 0, h, 0))
+    kh = pl.BlockSpec((None, T, None, K), lambda n, h, c: (n, 0, h, 0))
+    gb = pl.BlockSpec((None, T, None), lambda n, h, c: (n, 0, h))
+    ch = pl.BlockSpec((None, T, None, CHUNK), lambda n, h, c: (n, 0, h, 0))
     kda = _is_kda(g)
-    gk = pl.BlockSpec((None, T, None, K), lambda n, h, c, x: (n, 0, h, 0)) if kda else gb
-    hs_spec = pl.BlockSpec((None, None, None, K, bv), lambda n, h, c, x: (n, h, c, 0, x))
-    pk = pl.BlockSpec((None, None, T, None, K), lambda n, h, c, x: (x, n, 0, h, 0))
-    pg = pl.BlockSpec((None, None, T, None), lambda n, h, c, x: (x, n, 0, h))
-    kern = functools.partial(_grad_kernel, T=T, C=CHUNK, scale=float(scale), l2=l2, lp=lp,
-                             varlen=tabs is not None, kda=kda)
+    hs_spec = pl.BlockSpec((None, None, None, K, V), lambda n, h, c: (n, h, c, 0, 0))
     t_specs, t_args = _table_args(tabs, chunk_only=True)
-    pa_specs, pa_args = [], []
-    if kda:
-        pa_specs = [pl.BlockSpec((None, T, None, CHUNK), lambda n, h, c, x: (n, 0, h, 0))] * 2
-        pa_args = [P, Akk]
-    return pl.pallas_call(
-        kern, grid=(B, Hv, NC, nvb),
-        in_specs=[*t_specs, qk, qk, vb, gk, gb, vb, hs_spec, hs_spec, *pa_specs],
-        out_specs=[pk, pk, vb, pg, pk if kda else pg],
-        out_shape=[jax.ShapeDtypeStruct((nvb, B, T, Hv, K), F32),
-                   jax.ShapeDtypeStruct((nvb, B, T, Hv, K), F32),
-                   jax.ShapeDtypeStruct((B, T, Hv, V), v.dtype),
-                   jax.ShapeDtypeStruct((nvb, B, T, Hv), F32),
-                   jax.ShapeDtypeStruct((nvb, B, T, Hv, K) if kda else (nvb, B, T, Hv), F32)],
-        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name=f"gdn_chunk_{'kda_' if kda else ''}bwd_grad_k{K}_v{V}_bv{bv}")(
-            *t_args, q, k, v, g, beta, do, hs, dhs, *pa_args)
+    params = plt.CompilerParams(num_warps=num_warps, num_stages=1)
+    pre = f"gdn_chunk_{'kda_' if kda else ''}bwd"
+    varlen = tabs is not None
+    gk = kh if kda else gb
+    gshape = jax.ShapeDtypeStruct((B, T, Hv, K) if kda else (B, T, Hv), F32)
+    kshape = jax.ShapeDtypeStruct((B, T, Hv, K), F32)
+    dq, dk1, dv, dg1, X = pl.pallas_call(
+        functools.partial(_per_chunk, _dqv_chunk, T=T, C=CHUNK, varlen=varlen, scale=float(scale),
+                          l2=l2, lp=lp, bv=bv, kda=kda),
+        grid=(B, Hv, NC), in_specs=[*t_specs, qk, qk, gk, gb, vh, vh, vh, vh, hs_spec, ch],
+        out_specs=[kh, kh, vh, gk, ch],
+        out_shape=[kshape, kshape, jax.ShapeDtypeStruct((B, T, Hv, V), v.dtype), gshape,
+                   jax.ShapeDtypeStruct((B, T, Hv, CHUNK), F32)],
+        compiler_params=params, interpret=interpret, name=f"{pre}_dqv_k{K}_v{V}_bv{bv}")(
+            *t_args, q, k, g, beta, v, do, Vn, dVn, hs, Tm)
+    cshape = jax.ShapeDtypeStruct((B, T, Hv, CHUNK), F32)
+    bshape = jax.ShapeDtypeStruct((B, T, Hv), F32)
+    dk2, dA, db2, dg2 = pl.pallas_call(
+        functools.partial(_per_chunk, _dk_chunk, T=T, C=CHUNK, varlen=varlen, l2=l2, lp=lp, bv=bv,
+                          kda=kda),
+        grid=(B, Hv, NC),
+        in_specs=[*t_specs, qk, gk, gb, vh, vh, hs_spec, hs_spec, ch, ch, gk],
+        out_specs=[kh, ch, gb, gk], out_shape=[kshape, cshape, bshape, gshape],
+        compiler_params=params, interpret=interpret, name=f"{pre}_dk_k{K}_v{V}_bv{bv}")(
+            *t_args, k, g, beta, Vn, dVn, hs, dhs, Tm, X, dg1)
+    dk, dbeta, dg = pl.pallas_call(
+        functools.partial(_per_chunk, _da_chunk, T=T, C=CHUNK, varlen=varlen, l2=l2, lp=lp,
+                          kda=kda),
+        grid=(B, Hv, NC),
+        in_specs=[*t_specs, qk, gk, gb, ch, ch, ch, kh, kh, gb, gk, *([ch] if kda else [])],
+        out_specs=[kh, gb, gk], out_shape=[kshape, bshape, gshape],
+        compiler_params=params, interpret=interpret, name=f"{pre}_da_k{K}")(
+            *t_args, k, g, beta, Tm, X, dA, dk1, dk2, db2, dg2, *([Akk] if kda else []))
+    return dq, dk, dv, dbeta, dg

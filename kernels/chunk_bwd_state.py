@@ -13,7 +13,8 @@ from jax.experimental.pallas import triton as plt
 from .._common import G_MIN
 from .._varlen import TAB_END, TAB_T0
 from ._chunk_ops import (CHUNK, F32, _causal_decay, _dot, _gate_spec, _is_kda, _last,
-                         _num_chunks, _p_spec, _qk_chunk, _row, _rows, _specs, choose_block_v)
+                         _num_chunks, _p_spec, _qk_chunk, _row, _rows, _specs, _store_rows,
+                         choose_block_v)
 from ._chunk_varlen import (_fill_empty, _load_state_if, _seq_flags, _state_spec,
                             _store_state_if, _table_args, _varlen_loop)
 
@@ -30,7 +31,7 @@ def _rev_kernel(*refs, T, C, NC, scale, l2, lp, has_dht, varlen=False, N=1, kda=
     q_ref, k_ref, g_ref, w_ref, do_ref = (next(it) for _ in range(5))
     p_ref = next(it) if kda else None
     dht_ref = next(it) if has_dht else None
-    dhs_ref, dh0_ref = next(it), next(it)
+    dhs_ref, dh0_ref, dvn_ref = next(it), next(it), next(it)
     K = q_ref.shape[-1]
     BV = do_ref.shape[-1]
     if varlen:   # the first chunk visited is always a sequence's last chunk: it loads dht
@@ -47,7 +48,7 @@ def _rev_kernel(*refs, T, C, NC, scale, l2, lp, has_dht, varlen=False, N=1, kda=
                   else jnp.where(last, 0.0, dH))
         else:
             t0, T_ = c * C, T
-        dhs_ref[c] = dH
+        dhs_ref[c] = dH.astype(dhs_ref.dtype)
         q, k = _qk_chunk(q_ref, k_ref, t0, C, T_, l2, scale)
         g = jnp.maximum(_rows(g_ref, t0, C, T_).astype(F32), G_MIN)
         W = _rows(w_ref, t0, C, T_)
@@ -65,6 +66,7 @@ def _rev_kernel(*refs, T, C, NC, scale, l2, lp, has_dht, varlen=False, N=1, kda=
             Kd = k * jnp.exp(Gl - G)[:, None]
             qe, eGl = q * jnp.exp(G)[:, None], jnp.exp(Gl)
         dVn = _dot(P, dO, ta=True, lp=lp) + _dot(Kd, dH, lp=lp)
+        _store_rows(dvn_ref, t0, dVn, T_)   # read by the gradient kernel
         dH = eGl * dH + _dot(qe, dO, ta=True, lp=lp) - _dot(W, dVn, ta=True, lp=lp)
         if varlen:
             _store_state_if(dh0_ref, seq, dH, first)
@@ -77,7 +79,9 @@ def _rev_kernel(*refs, T, C, NC, scale, l2, lp, has_dht, varlen=False, N=1, kda=
 
 
 def _rev_call(q, k, g, W, do, dht, *, Hv, scale, l2, lp, interpret, tabs=None, num_warps=8,
-              P=None):
+              P=None, state_dtype=F32):
+    """(dhs [B, Hv, NC, K, V] in state_dtype: the state gradient at each chunk's end, dh0
+    [N, Hv, K, V] float32, dVn [B, T, Hv, V] in W's dtype)."""
     B, T, Hk, K = q.shape
     V = do.shape[-1]
     NC = _num_chunks(T, tabs)
@@ -99,9 +103,11 @@ def _rev_call(q, k, g, W, do, dht, *, Hv, scale, l2, lp, interpret, tabs=None, n
                              has_dht=dht is not None, varlen=tabs is not None, N=NS, kda=kda)
     return pl.pallas_call(
         kern, grid=(B, Hv, V // bv), in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, NC, K, bv), lambda n, h, x: (n, h, 0, 0, x)), s_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, Hv, NC, K, V), F32),
-                   jax.ShapeDtypeStruct((NS, Hv, K, V), F32)],
+        out_specs=[pl.BlockSpec((None, None, NC, K, bv), lambda n, h, x: (n, h, 0, 0, x)), s_spec,
+                   vb],
+        out_shape=[jax.ShapeDtypeStruct((B, Hv, NC, K, V), state_dtype),
+                   jax.ShapeDtypeStruct((NS, Hv, K, V), F32),
+                   jax.ShapeDtypeStruct((B, T, Hv, V), W.dtype)],
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name=f"gdn_chunk_{'kda_' if kda else ''}bwd_state_k{K}_v{V}_bv{bv}")(*args)

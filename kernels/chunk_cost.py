@@ -1,98 +1,115 @@
-"""Static cost model of the chunked kernels: FLOPs and HBM bytes per launched kernel from its
-grid and blocks, and roofline times (predictions, not measurements)."""
+"""Static cost model of the chunked kernels: FLOPs and HBM bytes of every kernel the forward and
+the backward program launch (XLA epilogue included), from their grids and blocks, and roofline
+times. Predictions, not measurements.
+
+    python -m gdn_jax.kernels.chunk_cost        # the tables of docs/pallas_chunked_report.md
+"""
 from __future__ import annotations
 
 from ._chunk_ops import CHUNK, SUB, choose_block_v
 
+ASSUMPTIONS = (
+    "Assumptions: H100 SXM, 990 TFLOP/s dense 16-bit tensor-core, 67 TFLOP/s float32 CUDA-core "
+    "(IEEE FMA), 3.35 TB/s HBM; each kernel takes max(bytes / bandwidth, tensor-core time + "
+    "CUDA-core time) (perfect overlap of memory and compute inside a kernel, none between "
+    "kernels, launch gaps ignored). FLOPs: 2 m n k per dot, summed over every program of the grid "
+    "(masked dots counted whole; elementwise work, exps and reductions not counted). Bytes: each "
+    "distinct array a kernel reads or writes counted once (re-reads of a q / k head by the value "
+    "heads of its group, and of a chunk's operands by the value blocks of a head, are L2 hits). "
+    "16-bit inputs: W, U, Vn, dVn and the backward's per-chunk states in the input dtype, the WY "
+    "chain's float32 products as bf16x3 (three tensor-core dots); float32 inputs: every dot an "
+    "IEEE float32 dot.")
+
 
 def _inv_flops(n):
-    """FLOPs of `_inv_unit_lower` on an n x n block (float32 IEEE dots)."""
+    """FLOPs of `_chunk_ops._inv_unit_lower` on an n x n block."""
     if n <= SUB:
-        levels = 0
-        s = 2
+        levels, s = 0, 2
         while s < n:
-            levels += 1
-            s *= 2
+            levels, s = levels + 1, s * 2
         return levels * 2 * (2 * n ** 3)
     h = n // 2
     return 2 * _inv_flops(h) + 2 * (2 * h ** 3)
 
 
 def cost_model(B, T, Hk, Hv, K, V, *, in_bytes=2, backward=True, kda=False):
-    """[(kernel, programs, tensor-core FLOPs, float32 CUDA-core FLOPs, HBM bytes)] for one call.
+    """[(kernel, grid, tensor-core FLOPs, float32 CUDA-core FLOPs, HBM bytes)] for one call.
 
-    kda: per-key gates (g [B, T, Hv, K] float32). Differences from GDA: the gates are K times
-    larger; the prep kernel also reads q and writes P [B, T, Hv, C] (the state passes read it
-    instead of computing q k^T); the pairwise terms are 3 masked [C, K] x [K, C] dots per row
-    operand (k, q) for the off-diagonal sub-blocks plus the exact diagonal sub-blocks, counted
-    as float32 CUDA-core work (~22 C K operations per column offset, 16 of them; the
-    backward's ~30 C K); in the backward the prep kernel also writes A / beta [B, T, Hv, C]
-    float32 and the gradient kernel reads it and P instead of recomputing the pairwise terms,
-    adds the pairwise cotangent dots and writes dg partials [NVB, B, T, Hv, K]. Elementwise
-    exps and masks of GDA are not counted.
-
-    FLOPs: 2 m n k per dot, summed over every program of the grid (recomputation included).
-    Bytes: each distinct array read once and written once (re-reads of a q/k head by the value
-    heads of its group, and of W / the chunk inputs by the V-blocks of a head, are L2 hits).
-    16-bit inputs: W, U in the input dtype; tensor-core dots are the 16-bit ones, the
-    float32 ones (inverse, and in the backward dT, dA, dKK) run as IEEE FMAs.
+    kernel: the pallas_call name's stage ("prep", "fwd", "states", "bwd_state", "bwd_dqv",
+    "bwd_dk", "bwd_da") or "xla epilogue"; grid: the launched grid (None for XLA). The
+    backward rows (prefixed "bwd: ") are the backward program's kernels, prep included.
     """
     C = CHUNK
     NC = -(-T // C)
-    Tp = NC * C
     f = 4
-    w = in_bytes if in_bytes < 4 else 4
+    lp = in_bytes < 4
+    w = in_bytes if lp else 4             # W, U, Vn, dVn, P and the backward's states
     bv = choose_block_v(B, Hv, V, K)
     nvb = V // bv
     d = lambda m, n, k: 2 * m * n * k  # noqa: E731
-    tc16 = in_bytes < 4
+    x3 = 3 if lp else 1                    # bf16x3: three tensor-core dots
     out = []
 
-    def add(name, progs, flops16, flops32, byts):
-        if not tc16:  # float32 inputs: every dot is an IEEE float32 dot
+    def add(name, grid, flops16, flops32, byts):
+        progs = 1
+        for x in grid or (1,):
+            progs *= x
+        if not lp:  # float32 inputs: every dot is an IEEE float32 dot
             flops32, flops16 = flops32 + flops16, 0
-        out.append((name, progs, flops16 * progs, flops32 * progs, byts))
+        out.append((name, grid, flops16 * progs, flops32 * progs, byts))
 
-    qk_b = B * T * Hk * K * in_bytes
-    v_b = B * T * Hv * V * in_bytes
-    gb_b = 2 * B * T * Hv * 4
-    wu_b = B * T * Hv * (K + V) * w
+    qk_b = B * T * Hk * K * in_bytes       # q or k
+    v_b = B * T * Hv * V * in_bytes        # v, o, dO, dv
+    vw_b = B * T * Hv * V * w              # U, Vn, dVn
+    kw_b = B * T * Hv * K * w              # W
+    g_b = B * T * Hv * 4 * (K if kda else 1)
+    b_b = B * T * Hv * 4
+    c_b = B * T * Hv * C * 4               # a [.., C] float32 per-chunk matrix (Tm, X, dA, A/beta)
+    p_b = B * T * Hv * C * w if kda else 0  # KDA: P
     st_b = B * Hv * K * V * f
-    hs_b = B * Hv * NC * K * V * f
-    g_b = B * T * Hv * 4 * (K if kda else 1)      # the gates (float32)
-    gb_b = g_b + B * T * Hv * 4                   # gates + beta
-    p_b = B * T * Hv * C * w if kda else 0        # KDA: P written by prep, read by the state passes
-    pair16 = 6 * d(C, C, K) if kda else d(C, C, K)           # A (and P) pairwise dots
-    diag32 = SUB * 22 * C * K if kda else 0                  # exact diagonal sub-blocks
-    qk_fwd = 0 if kda else d(C, C, K)                        # q k^T inside the state passes
-    add("prep", B * Hv * NC, pair16 + d(C, C, K) + d(C, C, V), _inv_flops(C) + diag32,
-        qk_b * (2 if kda else 1) + v_b + gb_b + wu_b + p_b)
-    add("fwd (state + output)", B * Hv * nvb,
+    hs_b = B * Hv * NC * K * V * w
+    kf_b = B * T * Hv * K * f              # a float32 [B, T, Hv, K] (dq, dk parts)
+    # prep: A (KDA: the sub-block pairs of k and q), the inverse, W, U
+    pair16 = 6 * d(C, C, K) if kda else d(C, C, K)
+    diag32 = SUB * 22 * C * K if kda else 0
+    prep16 = pair16 + d(C, C, K) + d(C, C, V)
+    prep32 = _inv_flops(C) + diag32
+    prep_b = qk_b * (2 if kda else 1) + v_b + g_b + b_b + kw_b + vw_b + p_b
+    add("prep", (B, Hv, NC), prep16, prep32, prep_b)
+    qk_fwd = 0 if kda else d(C, C, K)      # q k^T inside the state passes (KDA: P from prep)
+    add("fwd", (B, Hv, nvb),
         NC * (d(C, K, bv) + qk_fwd + d(C, K, bv) + d(C, C, bv) + d(K, C, bv)), 0,
-        2 * qk_b + g_b + wu_b + v_b + 2 * st_b + p_b)
-    a_b = B * T * Hv * C * 4 if kda else 0        # KDA backward: A / beta from prep, float32
-    if backward:
-        add("bwd: prep (recompute W, U)", *out[0][1:2], out[0][2] // out[0][1] if tc16 else 0,
-            out[0][3] // out[0][1], qk_b * (2 if kda else 1) + v_b + gb_b + wu_b + p_b + a_b)
-        add("bwd: states (per chunk)", B * Hv * nvb, NC * (d(C, K, bv) + d(K, C, bv)), 0,
-            qk_b + g_b + wu_b + st_b + hs_b)
-        add("bwd: reverse state pass", B * Hv * nvb,
-            NC * (qk_fwd + d(C, C, bv) + d(C, K, bv) + 2 * d(K, C, bv)), 0,
-            2 * qk_b + g_b + B * T * Hv * K * w + v_b + 2 * st_b + hs_b + p_b)
-        g16 = (3 * d(C, C, K) + d(C, C, bv) + d(C, K, bv) + d(C, C, bv) + d(C, K, bv)
-               + d(C, C, bv) + d(C, K, bv) + 2 * d(C, C, K) + d(C, K, bv) + d(C, K, bv))
-        g32 = (_inv_flops(C) + d(C, C, K) + d(C, C, bv) + d(C, C, K) + d(C, C, bv)
-               + 2 * d(C, C, C) + 2 * d(C, C, K))
-        if kda:   # P, A / beta read (no k k^T, q k^T); cotangent dots; dg = tri^T dG; diagonal
-            g16 += 2 * d(C, C, K)
-            g32 += 5 * d(C, C, K) + SUB * 30 * C * K
-        part = nvb * (2 * B * T * Hv * K * f + B * T * Hv * f + g_b)
-        add("bwd: gradients (per chunk, V-block)", B * Hv * NC * nvb, g16, g32,
-            2 * qk_b + 2 * v_b + gb_b + 2 * hs_b + part + v_b + p_b + a_b)
-        # XLA epilogue: sum the V-block partials, the head group, the l2norm Jacobian
-        out.append(("bwd: XLA epilogue (partials, group, l2norm)", 0, 0, 0,
-                    part + 2 * qk_b * 2 + 2 * B * T * Hk * K * f))
-    del Tp
+        2 * qk_b + g_b + kw_b + vw_b + v_b + 2 * st_b + p_b)
+    if not backward:
+        return out
+    add("bwd: prep", (B, Hv, NC), prep16, prep32, prep_b + c_b * (2 if kda else 1))
+    add("bwd: states", (B, Hv, nvb), NC * (d(C, K, bv) + d(K, C, bv)), 0,
+        qk_b + g_b + kw_b + vw_b + st_b + hs_b + vw_b)
+    add("bwd: bwd_state", (B, Hv, nvb),
+        NC * (qk_fwd + d(C, C, bv) + d(C, K, bv) + 2 * d(K, C, bv)), 0,
+        2 * qk_b + g_b + kw_b + v_b + st_b + hs_b + st_b + vw_b + p_b)
+    # kernel 1: dP, X, dOS over V, dv = beta Tm^T dVn (bf16x3); dq, P's terms of dk, dG
+    pairs_bwd = (2 * 3 * d(C, C, K), SUB * 15 * C * K) if kda else (3 * d(C, C, K), 0)
+    add("bwd: bwd_dqv", (B, Hv, NC),
+        2 * d(C, C, V) + d(C, K, V) + x3 * d(C, C, V) + pairs_bwd[0], pairs_bwd[1],
+        2 * qk_b + g_b + b_b + v_b + v_b + 2 * vw_b + hs_b + c_b
+        + 2 * kf_b + v_b + g_b + c_b)
+    # kernel 2: dKd, dW over V; dT, dA, dbK (bf16x3); KDA: dg's masked dot
+    add("bwd: bwd_dk", (B, Hv, NC),
+        2 * d(C, K, V) + x3 * (d(C, C, K) + 2 * d(C, C, C) + d(C, C, K)
+                               + (d(C, C, K) if kda else 0)), 0,
+        qk_b + g_b + b_b + 2 * vw_b + 2 * hs_b + 2 * c_b + g_b + kf_b + c_b + b_b + g_b)
+    # kernel 3: A's terms (GDA: k k^T, dKK k, dKK^T k; KDA: the sub-block pairs' cotangents)
+    da16 = (x3 * (2 * 3 * d(C, C, K) + d(C, C, K))) if kda else d(C, C, K) + x3 * 2 * d(C, C, K)
+    add("bwd: bwd_da", (B, Hv, NC), da16, SUB * 15 * C * K if kda else 0,
+        qk_b + g_b + b_b + 3 * c_b + 2 * kf_b + b_b + g_b + (c_b if kda else 0)
+        + kf_b + b_b + g_b)
+    # XLA epilogue: the head-group sum of dq, dk (when Hv > Hk), the l2norm Jacobian, dg's clamp
+    # mask, casts to the input dtypes
+    grp = Hv > Hk
+    add("bwd: xla epilogue", None, 0, 0,
+        2 * kf_b + 2 * qk_b + 2 * qk_b + 2 * g_b + b_b + B * T * Hv * in_bytes
+        + (2 * B * T * Hk * K * f if grp else 0))
     return out
 
 
@@ -101,23 +118,21 @@ def predicted_times(rows, *, tc_flops=990e12, f32_flops=67e12, bw=3.35e12):
     return [(name, max(b / bw, f16 / tc_flops + f32 / f32_flops)) for name, _, f16, f32, b in rows]
 
 
-if __name__ == "__main__":  # python -m gdn_jax.kernels.chunked
+def totals(rows):
+    """(forward seconds, backward seconds) of `cost_model` rows by `predicted_times`."""
+    times = predicted_times(rows)
+    fwd = sum(t for n, t in times if not n.startswith("bwd"))
+    return fwd, sum(t for n, t in times if n.startswith("bwd"))
+
+
+if __name__ == "__main__":
     for label, shape, kda in (
-            ("prefill B=1 T=2048 Hk=16 Hv=32 K=V=128 bf16", (1, 2048, 16, 32, 128, 128), False),
-            ("long B=1 T=8192 Hk=16 Hv=64 K=V=128 bf16", (1, 8192, 16, 64, 128, 128), False),
-            ("long B=1 T=8192 Hk=16 Hv=32 K=V=128 bf16", (1, 8192, 16, 32, 128, 128), False),
-            ("KDA prefill B=1 T=2048 Hk=16 Hv=32 K=V=128 bf16", (1, 2048, 16, 32, 128, 128), True),
-            ("KDA long B=1 T=8192 Hk=16 Hv=32 K=V=128 bf16", (1, 8192, 16, 32, 128, 128), True)):
+            ("B=1 T=8192 Hk=16 Hv=32 K=V=128 bf16", (1, 8192, 16, 32, 128, 128), False),
+            ("B=1 T=8192 Hk=16 Hv=64 K=V=128 bf16", (1, 8192, 16, 64, 128, 128), False),
+            ("KDA B=1 T=8192 Hk=16 Hv=32 K=V=128 bf16", (1, 8192, 16, 32, 128, 128), True)):
         rows = cost_model(*shape, kda=kda)
-        times = dict(predicted_times(rows))
-        print(f"\n{label}\n| kernel | programs | TC GFLOP | f32 GFLOP | MB | predicted us |")
-        print("|---|---|---|---|---|---|")
-        tot = {"fwd": [0, 0, 0, 0], "bwd": [0, 0, 0, 0]}
-        for name, progs, f16, f32, b in rows:
-            t = times[name]
-            print(f"| {name} | {progs} | {f16 / 1e9:.1f} | {f32 / 1e9:.2f} | {b / 1e6:.0f} | {t * 1e6:.0f} |")
-            key = "bwd" if name.startswith("bwd") else "fwd"
-            for i, x in enumerate((f16, f32, b, t)):
-                tot[key][i] += x
-        for key, (f16, f32, b, t) in tot.items():
-            print(f"| **{key} total** | | {f16 / 1e9:.1f} | {f32 / 1e9:.2f} | {b / 1e6:.0f} | **{t * 1e6:.0f}** |")
+        fwd, bwd = totals(rows)
+        print(f"\n{label}: forward {fwd * 1e6:.0f} us, backward {bwd * 1e6:.0f} us (predicted)")
+        for (name, grid, f16, f32, b), (_, t) in zip(rows, predicted_times(rows)):
+            print(f"  {name:22s} grid={grid} TC {f16 / 1e9:7.1f} GF  f32 {f32 / 1e9:6.2f} GF  "
+                  f"{b / 1e6:6.0f} MB  {t * 1e6:6.0f} us")

@@ -34,6 +34,7 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
     o_ref = next(it) if store_o else None
     ht_ref = next(it) if store_ht else None
     hs_ref = next(it) if store_states else None
+    vn_ref = next(it) if store_states else None
     K = q_ref.shape[-1]
     BV = u_ref.shape[-1]
     if varlen:   # the first chunk is always a sequence's first chunk: it loads the state
@@ -64,7 +65,7 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
         else:
             t0, T_ = c * C, T
         if store_states:
-            hs_ref[c] = S
+            hs_ref[c] = S.astype(hs_ref.dtype)
         g = jnp.maximum(_rows(g_ref, t0, C, T_).astype(F32), G_MIN)
         if kda:   # G [C, K], Gl [K]: per-key decays
             G = jnp.cumsum(g, axis=0)
@@ -83,6 +84,8 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
         W = _rows(w_ref, t0, C, T_)
         U = _rows(u_ref, t0, C, T_).astype(F32)
         Vn = U - _dot(W, S, lp=lp)
+        if store_states:   # the backward's gradient kernel reads Vn instead of recomputing it
+            _store_rows(vn_ref, t0, Vn, T_)
         if store_o:
             q = _rows(q_ref, t0, C, T_).astype(F32)
             if l2:
@@ -110,7 +113,9 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
 
 
 def _state_call(q, k, g, W, U, h0, *, Hv, scale, l2, lp, store_o, store_ht, store_states,
-                interpret, tabs=None, num_warps=8, P=None):
+                interpret, tabs=None, num_warps=8, P=None, state_dtype=F32):
+    """(o, ht) as asked; store_states (backward): (hs [B, Hv, NC, K, V] in state_dtype, the state
+    entering each chunk, and Vn [B, T, Hv, V] in W's dtype)."""
     B, T, Hk, K = q.shape
     V = U.shape[-1]
     NC = _num_chunks(T, tabs)
@@ -137,7 +142,9 @@ def _state_call(q, k, g, W, U, h0, *, Hv, scale, l2, lp, store_o, store_ht, stor
         out_shape.append(jax.ShapeDtypeStruct((NS, Hv, K, V), F32))
     if store_states:
         out_specs.append(pl.BlockSpec((None, None, NC, K, bv), lambda n, h, x: (n, h, 0, 0, x)))
-        out_shape.append(jax.ShapeDtypeStruct((B, Hv, NC, K, V), F32))
+        out_shape.append(jax.ShapeDtypeStruct((B, Hv, NC, K, V), state_dtype))
+        out_specs.append(vb)
+        out_shape.append(jax.ShapeDtypeStruct((B, T, Hv, V), W.dtype))
     kern = functools.partial(_state_kernel, T=T, C=CHUNK, NC=NC, scale=float(scale), l2=l2, lp=lp,
                              has_h0=h0 is not None, store_o=store_o, store_ht=store_ht,
                              store_states=store_states, varlen=tabs is not None, N=NS, kda=kda)

@@ -17,15 +17,16 @@ from ._chunk_varlen import _span, _table_args
 from .chunk_kda import _kda_gates, _kda_pairs
 
 
-def _prep_kernel(*refs, T, C, l2, lp, varlen, kda=False, scale=1.0, store_a=False):
+def _prep_kernel(*refs, T, C, l2, lp, varlen, kda=False, scale=1.0, backward=False):
     """GDA: W, U of one chunk. KDA: also P [C, C], the causal intra-chunk q k^T with per-key
-    decay (diagonal q_i . k_i: its decay factor is the constant 1), read by the state passes,
-    and with store_a (backward) A / beta = pairs(k, k) [C, C] float32, read by the gradient
-    kernel."""
+    decay (diagonal q_i . k_i: its decay factor is the constant 1), read by the state passes.
+    backward: also Tm = (I + A)^-1 [C, C] float32 and (KDA) A / beta = pairs(k, k) [C, C]
+    float32, read by the gradient kernel (nothing of the WY stage is recomputed there)."""
     ctab_ref = refs[0] if varlen else None
     refs = refs[1:] if varlen else refs
-    a_ref = refs[-1] if store_a else None
-    refs = refs[:-1] if store_a else refs
+    tm_ref = refs[-1] if backward else None
+    a_ref = refs[-2] if backward and kda else None
+    refs = refs[:len(refs) - backward - (backward and kda)]
     if kda:
         q_ref, k_ref, v_ref, g_ref, b_ref, w_ref, u_ref, p_ref = refs
     else:
@@ -46,13 +47,15 @@ def _prep_kernel(*refs, T, C, l2, lp, varlen, kda=False, scale=1.0, store_a=Fals
             ii, cc = _iota(C, C, 0), _iota(C, C, 1)
             P = Pqk + jnp.where(ii == cc, jnp.sum(q * k, axis=1)[:, None], 0.0)
             _store_rows(p_ref, t0, P, end)
-            if store_a:
+            if backward:
                 _store_rows(a_ref, t0, Akk, end)
         else:
             _, beta, G, _ = _gates(g_ref, b_ref, t0, C, end)
             A, _, _ = _chunk_A(k, beta, G, lp)
             bK = (beta * jnp.exp(G))[:, None] * k
         Tm = _inv_unit_lower(A)
+        if backward:
+            _store_rows(tm_ref, t0, Tm, end)
         bV = beta[:, None] * v.astype(F32)
         _store_rows(w_ref, t0, _dot(Tm, bK, lp=lp), end)
         _store_rows(u_ref, t0, _dot(Tm, bV, lp=lp), end)
@@ -64,9 +67,9 @@ def _prep_kernel(*refs, T, C, l2, lp, varlen, kda=False, scale=1.0, store_a=Fals
 
 
 def _prep_call(k, v, g, beta, *, Hv, l2, lp, interpret, tabs=None, num_warps=8, q=None,
-               scale=1.0, store_a=False):
-    """(W, U) for GDA; (W, U, P) for KDA (q needed then; P [B, T, Hv, C]), and with store_a
-    (W, U, P, A / beta) (A / beta [B, T, Hv, C] float32)."""
+               scale=1.0, backward=False):
+    """(W, U) for GDA; (W, U, P) for KDA (q needed then; P [B, T, Hv, C]). backward: then
+    Tm [B, T, Hv, C] float32 appended, after A / beta [B, T, Hv, C] float32 for KDA."""
     B, T, Hk, K = k.shape
     V = v.shape[-1]
     NC = _num_chunks(T, tabs)
@@ -74,9 +77,8 @@ def _prep_call(k, v, g, beta, *, Hv, l2, lp, interpret, tabs=None, num_warps=8, 
     qk, vh, kh, _, gb = _specs(B, T, Hk, Hv, K, V, Hv // Hk)
     wdt = lp if lp is not None else F32
     t_specs, t_args = _table_args(tabs, chunk_only=True)
-    store_a = store_a and kda
     kern = functools.partial(_prep_kernel, T=T, C=CHUNK, l2=l2, lp=lp, varlen=tabs is not None,
-                             kda=kda, scale=float(scale), store_a=store_a)
+                             kda=kda, scale=float(scale), backward=backward)
     in_specs = [*t_specs, qk, vh, _gate_spec(g, T, K), gb]
     args = [*t_args, k, v, g, beta]
     out_specs = [kh, vh]
@@ -86,7 +88,7 @@ def _prep_call(k, v, g, beta, *, Hv, l2, lp, interpret, tabs=None, num_warps=8, 
         args.insert(len(t_args), q)
         out_specs.append(pl.BlockSpec((None, T, None, CHUNK), lambda n, h, x: (n, 0, h, 0)))
         out_shape.append(jax.ShapeDtypeStruct((B, T, Hv, CHUNK), wdt))
-    if store_a:
+    for _ in range((2 if kda else 1) if backward else 0):   # A / beta (KDA), Tm
         out_specs.append(_p_spec(T))
         out_shape.append(jax.ShapeDtypeStruct((B, T, Hv, CHUNK), F32))
     return pl.pallas_call(

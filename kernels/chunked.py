@@ -130,19 +130,23 @@ def chunked_backward(q, k, v, g, beta, initial_state, do, dht, *, scale: float,
         interpret=interpret)
     do = do.astype(q.dtype)
     W, U, *PA = _prep_call(k, v, g, beta, Hv=Hv, l2=l2, lp=lp, interpret=interpret, tabs=tabs,
-                           q=q, scale=scale, store_a=True)
-    P, Akk = PA if PA else (None, None)
-    (hs,) = _state_call(q, k, g, W, U, initial_state, Hv=Hv, scale=scale, l2=l2, lp=lp,
-                        store_o=False, store_ht=False, store_states=True, interpret=interpret,
-                        tabs=tabs)
-    dhs, dh0 = _rev_call(q, k, g, W, do, dht, Hv=Hv, scale=scale, l2=l2, lp=lp, interpret=interpret,
-                         tabs=tabs, P=P)
-    dq, dk, dv, dbeta, dg = _grad_call(q, k, v, g, beta, do, hs, dhs, scale=scale, l2=l2, lp=lp,
-                                       interpret=interpret, tabs=tabs, P=P, Akk=Akk)
+                           q=q, scale=scale, backward=True)
+    P, Akk, Tm = PA if len(PA) == 3 else (None, None, PA[0])
+    # the per-chunk states and state gradients [B, Hv, NC, K, V] in the input dtype for 16-bit
+    # inputs (the dots read them in that dtype anyway; measured: the same gradient errors as
+    # float32 storage, docs/pallas_chunked_report.md), float32 for float32 inputs
+    sdt = F32 if lp is None else lp
+    hs, Vn = _state_call(q, k, g, W, U, initial_state, Hv=Hv, scale=scale, l2=l2, lp=lp,
+                         store_o=False, store_ht=False, store_states=True, interpret=interpret,
+                         tabs=tabs, state_dtype=sdt)
+    dhs, dh0, dVn = _rev_call(q, k, g, W, do, dht, Hv=Hv, scale=scale, l2=l2, lp=lp,
+                              interpret=interpret, tabs=tabs, P=P, state_dtype=sdt)
+    dq, dk, dv, dbeta, dg = _grad_call(q, k, v, g, beta, do, Vn, dVn, hs, dhs, Tm, scale=scale,
+                                       l2=l2, lp=lp, interpret=interpret, tabs=tabs, Akk=Akk)
     grp = Hv // Hk
-    dq = dq.sum(0).reshape(B, T, Hk, grp, K).sum(3)  # value blocks, then the head group
-    dk = dk.sum(0).reshape(B, T, Hk, grp, K).sum(3)
-    dbeta, dg = dbeta.sum(0), dg.sum(0)
+    if grp > 1:   # the value heads of a key head
+        dq = dq.reshape(B, T, Hk, grp, K).sum(3)
+        dk = dk.reshape(B, T, Hk, grp, K).sum(3)
     if l2:  # the l2norm Jacobian, elementwise in XLA
         dq = jax.vjp(l2norm, q_in)[1](dq)[0]
         dk = jax.vjp(l2norm, k_in)[1](dk)[0]

@@ -18,6 +18,8 @@ F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 # docs/spec.md section 4.2, chunked paths: (outputs, gradients)
 TOL = {jnp.dtype(F32): (1e-4, 1e-4), jnp.dtype(BF16): (1e-2, 2e-2), jnp.dtype(F16): (5e-3, 1e-2)}
 GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
+# the backward program: prep, state pass, reverse state pass, three gradient kernels
+NUM_BWD_KERNELS = 6
 
 
 def pallas_in_jaxpr(fn, *args) -> bool:
@@ -206,7 +208,7 @@ def test_kda_forward_and_gradients_match_reference(B, T, Hk, Hv, K, V, dtype, ha
 
     if strong:   # forward and backward kernels in one program, through gated_delta_net
         fn = _api(scale, l2)
-        assert str(jax.make_jaxpr(fn)(*args)).count("pallas_call") == 2 + 4
+        assert str(jax.make_jaxpr(fn)(*args)).count("pallas_call") == 2 + NUM_BWD_KERNELS
         o, s, grads = jax.jit(fn)(*args)
     else:
         def fwd(q, k, v, g, beta, init):
@@ -285,11 +287,73 @@ def test_lowers_for_cuda_without_a_gpu():
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2
     bargs = args + (S((1, 200, 4, 64), BF16), S((1, 4, 64, 64), F32))
     lowered = lower(lambda *a: chunked.chunked_backward(*a, scale=0.1, use_qk_l2norm=True), *bargs)
-    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 4
-    # KDA (per-key gates g [B, T, Hv, K]): the same 2 + 4 kernels
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == NUM_BWD_KERNELS
+    # KDA (per-key gates g [B, T, Hv, K]): the same 2 + 6 kernels
     kargs = args[:3] + (S((1, 200, 4, 64), F32),) + args[4:]
     lowered = lower(lambda *a: chunked.chunked_forward(*a, scale=0.1, use_qk_l2norm=True), *kargs)
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2
     lowered = lower(lambda *a: chunked.chunked_backward(*a, scale=0.1, use_qk_l2norm=True),
                     *(kargs + bargs[6:]))
-    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 4
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == NUM_BWD_KERNELS
+
+
+# ---- weak decay against float64 numpy (the state carried across chunks matters) -------------
+
+@pytest.mark.parametrize("kda,dtype", [(False, "f32"), (True, "f32"), (False, "bf16")])
+def test_weak_decay_forward_and_gradients_match_float64(kda, dtype):
+    """Weak decay (`helpers.weak_gates`: per-token g in [-0.1, 0], some heads g = 0, some
+    beta = 1) over 3 full chunks and a ragged one, grouped heads, 2 value blocks in the
+    gradient kernels' V loop: forward and all six gradients through gated_delta_net (the
+    Pallas forward and backward) against the float64 numpy VJP."""
+    from helpers import Case, assert_close, make_inputs as make_case, numpy_expected, op_vjp
+
+    case = Case(kda=kda, group=2, T=3 * 64 + 37, K=32, V=64, h0=True, dtype=dtype, weak=True)
+    args, h0 = make_case(case, seed=5)
+    scale = case.K ** -0.5
+    from gdn_jax import gated_delta_net
+
+    def f(q, k, v, g, beta, h0):
+        return gated_delta_net(q, k, v, g, beta, initial_state=h0, scale=scale,
+                               output_final_state=True, use_qk_l2norm_in_kernel=True,
+                               impl="chunked", backend="pallas", interpret=True)
+
+    def both(*a):
+        (o, s), vjp = jax.vjp(f, *a)
+        return vjp((o, s))
+
+    assert str(jax.make_jaxpr(both)(*args, h0)).count("pallas_call") == 2 + NUM_BWD_KERNELS
+    got, cots = op_vjp(jax.jit(f), args, h0)
+    want = numpy_expected(args, h0, cots, scale=scale, l2norm=True)
+    tol_o, tol_g = TOL[jnp.dtype({"f32": F32, "bf16": BF16}[dtype])]
+    assert_close(got, want, tol_o, tol_g, str(case))
+
+
+def test_cost_model_matches_the_launched_kernels():
+    """kernels/chunk_cost.py's rows are the kernels the programs launch: the same stages, in
+    order, with the same grids (read from the lowered CUDA programs)."""
+    import re
+
+    from gpu_compile import triton_kernels
+
+    from gdn_jax.kernels import chunk_cost
+
+    for kda in (False, True):
+        B, T, Hk, Hv, K, V = 1, 200, 2, 4, 64, 64
+        args = _sds(B=B, T=T, Hk=Hk, Hv=Hv, K=K, V=V, dtype=BF16, kda=kda)
+        bargs = args + (S((B, T, Hv, V), BF16), S((B, Hv, K, V), F32))
+        rows = chunk_cost.cost_model(B, T, Hk, Hv, K, V, kda=kda)
+        want = [(n.removeprefix("bwd: "), g) for n, g, *_ in rows if g is not None]
+        got = []
+        for fn, a in ((chunked.chunked_forward, args), (chunked.chunked_backward, bargs)):
+            for kern in triton_kernels(lambda *x, fn=fn: fn(*x, scale=0.1, use_qk_l2norm=True),
+                                       *a):
+                stage = re.match(r"gdn_chunk_(?:kda_)?([a-z_]+?)_k\d+", kern["name"]).group(1)
+                got.append((stage, tuple(kern["grid"])))
+        assert [n for n, _ in got] == [n for n, _ in want], (got, want)
+        assert [g for _, g in got] == [g for _, g in want], (got, want)
+        for name, grid, f16, f32, byts in rows:
+            assert f16 >= 0 and f32 >= 0 and byts > 0, name
+    # the targets: backward at T=8192, Hv=32 and forward at T=8192, Hv=64 (bf16, K=V=128)
+    fwd, bwd = chunk_cost.totals(chunk_cost.cost_model(1, 8192, 16, 32, 128, 128))
+    fwd64, _ = chunk_cost.totals(chunk_cost.cost_model(1, 8192, 16, 64, 128, 128))
+    assert fwd < fwd64 < 0.30e-3 and bwd > fwd
