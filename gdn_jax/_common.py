@@ -17,7 +17,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 IMPLS = ("auto", "reference", "recurrent", "chunked")
 STATE_LAYOUTS = ("kv", "vk")
-BACKENDS = ("auto", "xla", "pallas")
+BACKENDS = ("auto", "xla", "pallas", "pallas_triton", "pallas_mosaic_tpu")
 INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 # exp() of anything below this underflows to 0 in float32; clamping keeps every

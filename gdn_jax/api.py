@@ -38,7 +38,10 @@ class _Config:
     """Static choices of one call (hashable: a `nondiff_argnums` of the custom_vjp)."""
 
     impl: str  # "reference" | "recurrent" | "chunked" (resolved, never "auto")
-    backend: str  # "xla" | "pallas" | "auto-pallas" (Pallas on GPU, XLA elsewhere)
+    # "xla"; a kernel family run as is ("pallas_triton", "pallas_mosaic_tpu"); "pallas" (each
+    # platform's family, no fallback) or "auto" (each platform's family, XLA elsewhere), both
+    # over `families`, the families whose kernels support the call.
+    backend: str
     scale: float
     use_qk_l2norm: bool
     output_final_state: bool
@@ -46,6 +49,7 @@ class _Config:
     interpret: bool
     num_snapshots: int = 0
     pool: bool = False  # h0 is a state pool indexed by state_indices
+    families: tuple[str, ...] = ()
 
 
 def _resolve_impl(impl: str, dims: Dims, num_snapshots: int) -> str:
@@ -59,15 +63,17 @@ def _resolve_impl(impl: str, dims: Dims, num_snapshots: int) -> str:
     return "recurrent" if dims.T <= RECURRENT_MAX_T else "chunked"
 
 
-def _pallas_module(impl: str):
-    """The Pallas kernel module for `impl` ("recurrent" or "chunked"), or None for the reference."""
-    if impl == "recurrent":
-        from .kernels import recurrent as mod  # noqa: PLC0415
-    elif impl == "chunked":
-        from .kernels import chunked as mod  # noqa: PLC0415
+# The Pallas kernel families and the platform each runs on.
+FAMILY_PLATFORM = {"pallas_triton": "cuda", "pallas_mosaic_tpu": "tpu"}
+
+
+def _pallas_module(impl: str, family: str = "pallas_triton"):
+    """The kernel module of `family` for `impl` ("recurrent" or "chunked")."""
+    if family == "pallas_triton":
+        from .kernels import chunked, recurrent  # noqa: PLC0415
     else:
-        return None
-    return mod
+        from .kernels.tpu import chunked, recurrent  # noqa: PLC0415
+    return recurrent if impl == "recurrent" else chunked
 
 
 def _varlen_kwargs(cu_seqlens=None, state_indices=None, num_snapshots=0, *, impl="recurrent"):
@@ -85,29 +91,40 @@ def _varlen_kwargs(cu_seqlens=None, state_indices=None, num_snapshots=0, *, impl
 
 
 def _resolve_backend(backend: str, impl: str, interpret: bool, args, state_layout: str,
-                     varlen: dict) -> str:
-    """Returns "xla", "pallas" or "auto-pallas"; raises if an explicit request cannot be served."""
+                     varlen: dict) -> tuple[str, tuple[str, ...]]:
+    """(backend, families) for `_Config`; raises if an explicit request cannot be served."""
     if impl == "reference":
-        if backend == "pallas":
-            raise ValueError('backend="pallas" has no kernel for impl="reference"; the reference is '
-                             'plain XLA: use backend="auto" or "xla"')
-        return "xla"
+        if backend != "auto" and backend != "xla":
+            raise ValueError(f'backend="{backend}" has no kernel for impl="reference"; the '
+                             'reference is plain XLA: use backend="auto" or "xla"')
+        return "xla", ()
     if backend == "xla":
-        return "xla"
+        return "xla", ()
     q, k, v, g, beta, h0 = args
     if impl == "chunked" and varlen.get("state_indices") is not None:  # the kernel sees gathered states
         h0 = jax.ShapeDtypeStruct((varlen["state_indices"].shape[0],) + h0.shape[1:], h0.dtype)
     kw = _varlen_kwargs(**varlen, impl=impl)
-    reason = _pallas_module(impl).supports(q, k, v, g, beta, h0, state_layout=state_layout, **kw)
-    if backend == "pallas":
-        if reason is not None:
-            raise ValueError(f'backend="pallas" cannot serve impl="{impl}" for this call: {reason}. '
-                             'Use backend="auto" to fall back to XLA.')
-        return "pallas"
-    # backend == "auto": the kernel where it supports the call, on GPU (or anywhere in interpret mode).
-    if reason is not None:
-        return "xla"
-    return "pallas" if interpret else "auto-pallas"
+    reasons = {fam: _pallas_module(impl, fam).supports(q, k, v, g, beta, h0,
+                                                       state_layout=state_layout, **kw)
+               for fam in FAMILY_PLATFORM}
+    if interpret and backend in ("auto", "pallas"):
+        # interpret mode: the Triton kernels' code on any platform ("auto" falls back to XLA)
+        if backend == "auto" and reasons["pallas_triton"] is not None:
+            return "xla", ()
+        backend = "pallas_triton"
+    if backend in FAMILY_PLATFORM:
+        if reasons[backend] is not None:
+            raise ValueError(f'backend="{backend}" cannot serve impl="{impl}" for this call: '
+                             f'{reasons[backend]}. Use backend="auto" to fall back to XLA.')
+        return backend, (backend,)
+    families = tuple(fam for fam, reason in reasons.items() if reason is None)
+    if backend == "pallas" and not families:
+        why = "; ".join(f"{fam}: {reason}" for fam, reason in reasons.items())
+        raise ValueError(f'backend="pallas" cannot serve impl="{impl}" for this call ({why}). '
+                         'Use backend="auto" to fall back to XLA.')
+    if not families:  # "auto" with no kernel for the call
+        return "xla", ()
+    return backend, families
 
 
 def _to_kv(cfg: _Config, x):
@@ -187,43 +204,46 @@ def _xla_fn(cfg: _Config, impl: str):
     return fn
 
 
-def _on_platform(cfg: _Config, pallas_fn, xla_fn):
-    """Pallas for backend "pallas"; for "auto-pallas" the platform decides at lowering (Pallas
-    on CUDA, XLA elsewhere): lowering for CUDA works on a machine without a GPU, and a program
-    lowered or exported for several platforms at once carries both paths."""
-    if cfg.backend == "pallas":
-        return pallas_fn
+def _on_platform(cfg: _Config, family_fn, xla_fn):
+    """The function that runs the configured backend: `family_fn(family)` builds one kernel
+    family's version. "pallas" and "auto" decide the family at lowering, per platform (XLA on
+    the others for "auto"; for "pallas" a platform without a kernel gets the first family's,
+    whose lowering raises there), so a program lowered or exported for several platforms at
+    once carries every path, and lowering for a GPU or TPU works on a CPU-only machine."""
+    if cfg.backend == "xla":
+        return xla_fn
+    if cfg.backend in FAMILY_PLATFORM:
+        return family_fn(cfg.backend)
     from .kernels._platform import by_platform  # noqa: PLC0415
-    return lambda *a: by_platform(*a, cuda=pallas_fn, default=xla_fn)
+    branches = {FAMILY_PLATFORM[fam]: family_fn(fam) for fam in cfg.families}
+    default = xla_fn if cfg.backend == "auto" else family_fn(cfg.families[0])
+    return lambda *a: by_platform(*a, default=default, **branches)
 
 
 def _forward(cfg: _Config, q, k, v, g, beta, h0, cu, idx, *, alias_state: bool):
     """Runs the selected path. alias_state: let the recurrent kernel write the final state over
     the initial one (in place when the caller donates it); off when h0 is kept for the backward."""
-    xla_fn = _xla_fn(cfg, cfg.impl)
-    if cfg.backend == "xla":
-        return xla_fn(q, k, v, g, beta, h0, cu, idx)
     kw = dict(scale=cfg.scale, use_qk_l2norm=cfg.use_qk_l2norm,
               output_final_state=cfg.output_final_state, interpret=cfg.interpret)
-    if cfg.impl == "recurrent":
-        from .kernels.recurrent import fused_recurrent  # noqa: PLC0415
 
-        def pallas_fn(q, k, v, g, beta, h0, cu, idx):
-            res = fused_recurrent(q, k, v, g, beta, h0, state_layout=cfg.state_layout,
-                                  alias_state=alias_state, **kw,
-                                  **_varlen_kwargs(cu, idx, cfg.num_snapshots))
-            return res[0], res[1], (res[2] if cfg.num_snapshots else None)
-    else:
-        from .kernels.chunked import chunked_forward  # noqa: PLC0415
+    def family_fn(family):
+        mod = _pallas_module(cfg.impl, family)
+        if cfg.impl == "recurrent":
+            def pallas_fn(q, k, v, g, beta, h0, cu, idx):
+                res = mod.fused_recurrent(q, k, v, g, beta, h0, state_layout=cfg.state_layout,
+                                          alias_state=alias_state, **kw,
+                                          **_varlen_kwargs(cu, idx, cfg.num_snapshots))
+                return res[0], res[1], (res[2] if cfg.num_snapshots else None)
+            return pallas_fn
 
         def per_sequence(q, k, v, g, beta, h0, cu):  # supports() declined "vk" already
-            o, ht = chunked_forward(q, k, v, g, beta, h0, **kw,
-                                    **_varlen_kwargs(cu, impl="chunked"))
+            o, ht = mod.chunked_forward(q, k, v, g, beta, h0, **kw,
+                                        **_varlen_kwargs(cu, impl="chunked"))
             return o, ht, None
+        return _pooled(cfg, per_sequence)
 
-        pallas_fn = _pooled(cfg, per_sequence)
-
-    return _on_platform(cfg, pallas_fn, xla_fn)(q, k, v, g, beta, h0, cu, idx)
+    fn = _on_platform(cfg, family_fn, _xla_fn(cfg, cfg.impl))
+    return fn(q, k, v, g, beta, h0, cu, idx)
 
 
 def _xla_backward(cfg: _Config, inputs, h0, cu, idx, cotangents):
@@ -239,9 +259,9 @@ def _xla_backward(cfg: _Config, inputs, h0, cu, idx, cotangents):
     return vjp(cotangents)
 
 
-def _pallas_backward(cfg: _Config, inputs, h0, cu, idx, cotangents):
-    """Gradients by the Pallas chunked backward kernels (state in the "kv" layout inside)."""
-    from .kernels.chunked import chunked_backward  # noqa: PLC0415
+def _pallas_backward(cfg: _Config, family: str, inputs, h0, cu, idx, cotangents):
+    """Gradients by a family's Pallas chunked backward kernels (state in the "kv" layout inside)."""
+    chunked_backward = _pallas_module("chunked", family).chunked_backward
 
     do, dht, _ = cotangents
     pool = h0 if cfg.pool else None
@@ -273,18 +293,19 @@ def _gdn_bwd(cfg, residuals, cotangents):
     no_index_grads = (None, None)  # cu_seqlens and state_indices are integer arrays
 
     xla = functools.partial(_xla_backward, cfg)
-    pallas = functools.partial(_pallas_backward, cfg)
     args = (inputs, h0, cu, idx, cotangents)
     if cfg.backend == "xla" or cfg.num_snapshots:
         return (*xla(*args), *no_index_grads)
-    # The forward ran on Pallas: use the Pallas chunked backward wherever it supports the call.
-    from .kernels.chunked import supports  # noqa: PLC0415
-    if supports(*inputs, **_varlen_kwargs(cu, impl="chunked")) is not None:
+    # The forward ran on a kernel family: its chunked backward wherever it supports the call.
+    chunk_kw = _varlen_kwargs(cu, impl="chunked")
+    families = tuple(fam for fam in cfg.families
+                     if _pallas_module("chunked", fam).supports(*inputs, **chunk_kw) is None)
+    if not families:
         return (*xla(*args), *no_index_grads)
-    if cfg.backend == "pallas":
-        return (*pallas(*args), *no_index_grads)
-    from .kernels._platform import by_platform  # noqa: PLC0415
-    return (*by_platform(*args, cuda=pallas, default=xla), *no_index_grads)
+    bwd = dataclasses.replace(cfg, backend="auto" if cfg.backend == "pallas" else cfg.backend,
+                              families=families)
+    grads = _on_platform(bwd, lambda fam: functools.partial(_pallas_backward, cfg, fam), xla)
+    return (*grads(*args), *no_index_grads)
 
 
 _gdn.defvjp(_gdn_fwd, _gdn_bwd)
@@ -366,17 +387,17 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                         output_final_state=output_final_state)
     num_snapshots = int(num_snapshots)
     impl = _resolve_impl(impl, dims, num_snapshots)  # option conflicts raise even at T == 0
-    if impl == "reference" and backend == "pallas":
-        _resolve_backend(backend, impl, interpret, None, state_layout, {})  # raises
+    if impl == "reference":
+        _resolve_backend(backend, impl, interpret, None, state_layout, {})  # raises on kernels
     if dims.T == 0:  # nothing to run: the states pass through
         return _empty_call(q, v, initial_state, cu_seqlens, state_indices, dims,
                            output_final_state=output_final_state, num_snapshots=num_snapshots,
                            state_layout=state_layout)
     varlen = dict(cu_seqlens=cu_seqlens, state_indices=state_indices, num_snapshots=num_snapshots)
-    backend = _resolve_backend(backend, impl, interpret, (q, k, v, g, beta, initial_state),
-                               state_layout, varlen)
+    backend, families = _resolve_backend(backend, impl, interpret,
+                                         (q, k, v, g, beta, initial_state), state_layout, varlen)
     cfg = _Config(impl, backend, default_scale(scale, dims.K), use_qk_l2norm_in_kernel,
                   output_final_state, state_layout, interpret, num_snapshots,
-                  state_indices is not None)
+                  state_indices is not None, families)
     o, ht, snaps = _gdn(cfg, q, k, v, g, beta, initial_state, cu_seqlens, state_indices)
     return (o, ht) if not num_snapshots else (o, ht, snaps)

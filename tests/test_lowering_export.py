@@ -139,3 +139,36 @@ def test_cpu_only_export_round_trips_without_disabled_checks():
     exp = export.export(fn, platforms=("cpu",))(*args)
     assert TRITON not in exp.mlir_module()
     _assert_bit_identical(export.deserialize(exp.serialize()).call(*args), fn(*args))
+
+
+TPU_CUSTOM_CALL = "tpu_custom_call"
+
+
+@pytest.mark.parametrize("impl,grad", [("chunked", False), ("chunked", True), ("recurrent", False)])
+def test_auto_picks_the_mosaic_tpu_kernels_when_lowering_for_tpu(impl, grad):
+    """K = V = 128 (the TPU kernels' lane-dense head size): the TPU branch of a cpu+tpu+cuda
+    program carries Mosaic kernels, the CUDA branch Triton ones; no TPU or libtpu needed."""
+    B, T_ = (1, 256) if impl == "chunked" else (4, 1)
+    bf, f32 = jnp.bfloat16, jnp.float32
+    args = [S((B, T_, 2, 128), bf), S((B, T_, 2, 128), bf), S((B, T_, 4, 128), bf),
+            S((B, T_, 4), f32), S((B, T_, 4), f32)]
+    pool = impl == "recurrent"
+    h0 = S((8 if pool else B, 4, 128, 128), f32)
+    idx = S((B,), jnp.int32) if pool else None
+
+    def loss(q, k, v, g, beta, h0, idx):
+        o, ht = gated_delta_net(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                state_indices=idx, impl=impl)
+        return jnp.sum(o.astype(f32)) + jnp.sum(ht)
+
+    fn = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)) if grad else loss
+    tpu_only = lower(fn, *args, h0, idx, platforms=("tpu",)).as_text()
+    assert TPU_CUSTOM_CALL in tpu_only and TRITON not in tpu_only
+    every = lower(fn, *args, h0, idx, platforms=("cpu", "tpu", "cuda")).as_text()
+    assert TPU_CUSTOM_CALL in every and TRITON in every
+
+
+def test_unknown_backend_lists_the_valid_names():
+    args = _inputs()[:5]
+    with pytest.raises(ValueError, match="pallas_mosaic_tpu"):
+        gated_delta_net(*args, backend="mosaic")
