@@ -361,9 +361,12 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
         rollback); computed by the recurrent path.
       impl: "auto" (recurrent for T <= RECURRENT_MAX_T or with snapshots, else chunked),
         "reference", "recurrent" or "chunked".
-      backend: "auto" (a Pallas kernel on GPU where one supports the call, else XLA), "xla"
-        or "pallas" (raises if no kernel can serve the call).
-      interpret: run Pallas kernels in interpret mode (CPU testing of the kernel code).
+      backend: "auto" (per platform, at lowering: the Triton kernels on CUDA and the Mosaic
+        kernels on TPU where they support the call, else XLA), "xla", "pallas" (the kernel
+        family of the platform lowered for; raises if none can serve the call), or one family:
+        "pallas_triton", "pallas_mosaic_tpu". See docs/spec.md section 3.
+      interpret: run Pallas kernels in interpret mode (CPU testing of the kernel code): the
+        Triton kernels with "auto"/"pallas", the TPU interpreter with "pallas_mosaic_tpu".
       state_layout: "kv" (the public `[N, Hv, K, V]`) or "vk" (`[N, Hv, V, K]`, the layout the
         Pallas recurrent kernel reads natively) for initial_state, final_state and snapshots;
         a decode loop that keeps its state in the kernel's layout skips a transpose per step.
