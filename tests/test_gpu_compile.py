@@ -198,10 +198,11 @@ CHUNKED_SPILL_BOUND = {"gdn_chunk_prep": 0, "gdn_chunk_states": 0, "gdn_chunk_fw
                        # KDA (kernels/README.md, "KDA"): the prep kernel's pairwise sub-block
                        # terms (416 B), the P-reading state passes (76 / 28 / 0 B), and the
                        # gradient kernel (~30 KB: the GDA kernel's live set plus the
-                       # [C, K] gate tiles G, e^G and the pairwise cotangents; 30,560 B)
+                       # [C, K] gate tiles G, e^G and the pairwise cotangents; 30,560 B with
+                       # jaxlib 0.10.2, 33,606 B with jaxlib 0.12.0.1's Triton and LLVM)
                        "gdn_chunk_kda_prep": 1024, "gdn_chunk_kda_states": 256,
                        "gdn_chunk_kda_fwd": 256, "gdn_chunk_kda_bwd_state": 256,
-                       "gdn_chunk_kda_bwd_grad": 32768}
+                       "gdn_chunk_kda_bwd_grad": 36864}
 
 
 def _chunked(report, which):
