@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 
 from gdn_jax.kernels import recurrent
-from helpers import numpy_reference, pairwise, rel_err
+from helpers import assert_pallas, numpy_reference, pairwise, rel_err, tolerance
 
 F32, BF16 = jnp.float32, jnp.bfloat16
-TOL = {"f32": 1e-5, "bf16": 1e-2}
 POOL = 6  # slots in every pool test
 
 # Packings: ("varlen", lengths) packs the sequences along T (B = 1); ("batch", B, T) is the
@@ -43,10 +42,6 @@ AXES = {
     "l2": [False, True],
 }
 CASES = pairwise(AXES)
-
-
-def pallas_in_jaxpr(fn, *args) -> bool:
-    return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
 
 
 def to_kv(s, layout):
@@ -150,7 +145,7 @@ def run_case(kda, layout, state, ns, packing, dtype, l2, *, Hk=1, Hv=2, K=16, V=
     idx_j = None if idx is None else jnp.asarray(idx)
     assert recurrent.supports(*args, init, state_layout=layout, cu_seqlens=cu_j,
                               state_indices=idx_j, num_snapshots=ns) is None
-    assert pallas_in_jaxpr(fn, *args, init, cu_j, idx_j)
+    assert_pallas(fn, *args, init, cu_j, idx_j)
     outs = jax.jit(fn)(*args, init, cu_j, idx_j)
     if ns:
         o, ht, snaps = outs
@@ -162,7 +157,7 @@ def run_case(kda, layout, state, ns, packing, dtype, l2, *, Hk=1, Hv=2, K=16, V=
     assert o.dtype == args[0].dtype and o.shape == (B, T, Hv, V)
     assert ht.dtype == F32
     ht = to_kv(ht, layout)
-    tol = TOL[dtype]
+    tol = tolerance("recurrent", dtype)[0]
     o = np.asarray(o.astype(F32))
     for n, (ref, (b, a, e)) in enumerate(zip(expected(args, bounds, h0s, ns, scale, l2), bounds)):
         if ref is None:  # padding: zeros out, nothing in the pool touched (checked below)
