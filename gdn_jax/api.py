@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ._common import Dims, check_inputs, default_scale
+from .gates import beta_from_raw, check_gate_args, gate_from_raw
 from .chunked import chunked_gated_delta_net
 from .recurrent import recurrent_gated_delta_net
 from .reference import reference_gated_delta_net
@@ -335,7 +336,9 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                     output_final_state: bool = False, use_qk_l2norm_in_kernel: bool = False,
                     cu_seqlens=None, state_indices=None, num_snapshots: int = 0,
                     impl: str = "auto", backend: str = "auto", interpret: bool = False,
-                    state_layout: str = "kv"):
+                    state_layout: str = "kv", use_gate_in_kernel: bool = False, A_log=None,
+                    dt_bias=None, lower_bound: float | None = None,
+                    use_beta_sigmoid_in_kernel: bool = False):
     """The gated delta rule (GDA or KDA) over T tokens of B independent sequences.
 
     Args:
@@ -371,6 +374,14 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
         Pallas recurrent kernel reads natively) for initial_state, final_state and snapshots;
         a decode loop that keeps its state in the kernel's layout skips a transpose per step.
 
+      use_gate_in_kernel: `g` is the raw gate input `a` (same shape) and the op computes
+        `g = -exp(A_log) * softplus(a + dt_bias)`, or for KDA with `lower_bound`
+        `g = lower_bound * sigmoid(exp(A_log) * (a + dt_bias))`, in float32.
+      A_log: `[Hv]`; dt_bias: `[Hv]` (GDA) or `[Hv, K]` / `[Hv * K]` (KDA). Only with
+        use_gate_in_kernel.
+      lower_bound: a negative float, KDA only (fla's safe gate).
+      use_beta_sigmoid_in_kernel: `beta` is the raw `b` and the op uses `sigmoid(b)`.
+
     Returns:
       `(o, final_state)`, or `(o, final_state, snapshots)` when `num_snapshots > 0`: o
       `[B, T, Hv, V]` in q's dtype; final_state float32 in `state_layout` (the pool with
@@ -380,6 +391,16 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
     out-of-range or non-monotone offsets and repeated or out-of-range slots give unspecified
     results (no crash); a repeated slot receives one of the sequences' states.
     """
+    check_gate_args(g, v, q, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log,
+                    dt_bias=dt_bias, lower_bound=lower_bound,
+                    use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel)
+    if use_gate_in_kernel:
+        g = gate_from_raw(g, A_log, dt_bias, lower_bound)
+    if use_beta_sigmoid_in_kernel:
+        if not hasattr(beta, "dtype") or not jnp.issubdtype(beta.dtype, jnp.floating):
+            raise TypeError("beta (the raw b, with use_beta_sigmoid_in_kernel=True) must be a "
+                            f"floating-point array, got {getattr(beta, 'dtype', type(beta).__name__)}")
+        beta = beta_from_raw(beta)
     for name, flag in (("output_final_state", output_final_state),
                        ("use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel), ("interpret", interpret)):
         if not isinstance(flag, bool):

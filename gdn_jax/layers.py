@@ -300,10 +300,13 @@ def causal_conv1d(x: jax.Array, weight: jax.Array, conv_state: jax.Array | None 
     return y.astype(x.dtype), new_state
 
 
-def _op(q, k, v, g, beta, initial_state, impl, backend):
-    """The gated delta net with l2norm in the kernel and the default scale; returns (o, final_state)."""
-    return gated_delta_net(q, k, v, g, beta, initial_state=initial_state, output_final_state=True,
-                           use_qk_l2norm_in_kernel=True, impl=impl, backend=backend)
+def _op(q, k, v, a, b, initial_state, A_log, dt_bias, impl, backend):
+    """The gated delta net with l2norm, the gate `-exp(A_log) * softplus(a + dt_bias)` and
+    `beta = sigmoid(b)` computed in the op, and the default scale; returns (o, final_state)."""
+    return gated_delta_net(q, k, v, a, b, initial_state=initial_state, output_final_state=True,
+                           use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=A_log,
+                           dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True, impl=impl,
+                           backend=backend)
 
 
 def _mask_padding(x, attention_mask):
@@ -340,12 +343,8 @@ def gdn_block(params: dict, x: jax.Array, cache: LinearAttentionCache | None = N
     q = q.reshape(B, T, c.num_k_heads, c.head_k_dim)
     k = k.reshape(B, T, c.num_k_heads, c.head_k_dim)
     v = v.reshape(B, T, c.num_v_heads, c.head_v_dim)
-    beta = jax.nn.sigmoid(b)
-    g = -jnp.exp(params["A_log"].astype(jnp.float32)) * softplus(
-        a.astype(jnp.float32) + params["dt_bias"])
-    beta = beta.astype(jnp.float32) if beta.dtype != q.dtype else beta
-    g = g.astype(jnp.float32)
-    o, state = _op(q, k, v, g, beta, cache.recurrent_state.astype(jnp.float32), impl, backend)
+    o, state = _op(q, k, v, a, b, cache.recurrent_state.astype(jnp.float32), params["A_log"],
+                   params["dt_bias"], impl, backend)
     o = gated_rms_norm(o, z, params["norm"], c.rms_norm_eps, "silu")
     y = o.reshape(B, T, c.value_dim) @ params["out_proj"]
     return y, LinearAttentionCache(conv_state, state)
@@ -369,13 +368,9 @@ def kda_block(params: dict, x: jax.Array, cache: LinearAttentionCache | None = N
     mixed = jnp.concatenate([x @ params["q_proj"], x @ params["k_proj"], x @ params["v_proj"]], -1)
     mixed, conv_state = causal_conv1d(mixed, params["conv1d"], cache.conv_state)
     q, k, v = (t.reshape(B, T, H, K) for t in jnp.split(mixed, 3, axis=-1))
-    f = (x @ params["f_a_proj"]) @ params["f_b_proj"]
-    f = (f.astype(jnp.float32) + params["dt_bias"].astype(jnp.float32)).reshape(B, T, H, K)
-    A = jnp.exp(params["A_log"].astype(jnp.float32)).reshape(H, 1)
-    g = -A * softplus(f)                                                # [B, T, H, K] float32
-    beta = jax.nn.sigmoid(x @ params["b_proj"])
-    beta = beta.astype(jnp.float32) if beta.dtype != q.dtype else beta
-    o, state = _op(q, k, v, g, beta, cache.recurrent_state.astype(jnp.float32), impl, backend)
+    f = ((x @ params["f_a_proj"]) @ params["f_b_proj"]).reshape(B, T, H, K)  # the raw gate a
+    o, state = _op(q, k, v, f, x @ params["b_proj"], cache.recurrent_state.astype(jnp.float32),
+                   params["A_log"], params["dt_bias"], impl, backend)
     gate = ((x @ params["g_a_proj"]) @ params["g_b_proj"]).reshape(B, T, H, K)
     o = gated_rms_norm(o, gate, params["o_norm"], c.rms_norm_eps, "sigmoid")
     y = o.reshape(B, T, c.qkv_dim) @ params["o_proj"]
