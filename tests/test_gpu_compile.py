@@ -192,17 +192,17 @@ def test_varlen_token_loop_is_a_for_loop():
 # The forward state kernel spills a little (8 warps, BV = 32: the [64, 128] q/k/W chunk
 # operands next to the state tile); the backward gradient kernel spills heavily (it keeps ~20
 # chunk-sized float32 tiles live; splitting it is the open item in the README). The bounds
-# catch regressions.
+# catch regressions and must hold on both ends of the supported JAX range: the same kernel
+# source can spill differently with another jaxlib's Triton and LLVM.
 CHUNKED_SPILL_BOUND = {"gdn_chunk_prep": 0, "gdn_chunk_states": 0, "gdn_chunk_fwd": 256,
                        "gdn_chunk_bwd_state": 256, "gdn_chunk_bwd_grad": 16384,
                        # KDA (kernels/README.md, "KDA"): the prep kernel's pairwise sub-block
                        # terms (416 B), the P-reading state passes (76 / 28 / 0 B), and the
                        # gradient kernel (~30 KB: the GDA kernel's live set plus the
-                       # [C, K] gate tiles G, e^G and the pairwise cotangents; 30,560 B with
-                       # jaxlib 0.10.2, 33,606 B with jaxlib 0.12.0.1's Triton and LLVM)
+                       # [C, K] gate tiles G, e^G and the pairwise cotangents; 30,560 B)
                        "gdn_chunk_kda_prep": 1024, "gdn_chunk_kda_states": 256,
                        "gdn_chunk_kda_fwd": 256, "gdn_chunk_kda_bwd_state": 256,
-                       "gdn_chunk_kda_bwd_grad": 36864}
+                       "gdn_chunk_kda_bwd_grad": 32768}
 
 
 def _chunked(report, which):
