@@ -424,4 +424,18 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                   output_final_state, state_layout, interpret, num_snapshots,
                   state_indices is not None, families)
     o, ht, snaps = _gdn(cfg, q, k, v, g, beta, initial_state, cu_seqlens, state_indices)
+    o, ht, snaps = _named_outputs(o, ht, snaps)
     return (o, ht) if not num_snapshots else (o, ht, snaps)
+
+
+# Names for `jax.checkpoint` policies (`jax.checkpoint_policies.save_only_these_names`). The op
+# saves only its inputs for its backward (per-chunk states are recomputed there), so its
+# outputs are what a remat policy chooses to keep or recompute.
+REMAT_NAMES = ("gdn_output", "gdn_final_state", "gdn_snapshots")
+
+
+def _named_outputs(o, ht, snaps):
+    from jax.ad_checkpoint import checkpoint_name  # noqa: PLC0415
+    return (checkpoint_name(o, REMAT_NAMES[0]),
+            None if ht is None else checkpoint_name(ht, REMAT_NAMES[1]),
+            None if snaps is None else checkpoint_name(snaps, REMAT_NAMES[2]))
