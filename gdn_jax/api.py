@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ._common import Dims, check_inputs, default_scale
-from .gates import beta_from_raw, check_gate_args, gate_from_raw
+from .gates import apply_segments, beta_from_raw, check_gate_args, gate_from_raw, segment_masks
 from .chunked import chunked_gated_delta_net
 from .recurrent import recurrent_gated_delta_net
 from .reference import reference_gated_delta_net
@@ -338,7 +338,7 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                     impl: str = "auto", backend: str = "auto", interpret: bool = False,
                     state_layout: str = "kv", use_gate_in_kernel: bool = False, A_log=None,
                     dt_bias=None, lower_bound: float | None = None,
-                    use_beta_sigmoid_in_kernel: bool = False):
+                    use_beta_sigmoid_in_kernel: bool = False, segment_ids=None):
     """The gated delta rule (GDA or KDA) over T tokens of B independent sequences.
 
     Args:
@@ -381,6 +381,11 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
         use_gate_in_kernel.
       lower_bound: a negative float, KDA only (fla's safe gate).
       use_beta_sigmoid_in_kernel: `beta` is the raw `b` and the op uses `sigmoid(b)`.
+      segment_ids: int `[B, T]`, documents packed into rows (MaxText / Levanter style): a
+        change of nonzero id starts a new sequence from a zero state; id 0 is padding (zero
+        outputs, the state passes through unchanged). A row's first real token continues from
+        the row's initial state; the final state is the state after the row's last real token.
+        May be traced. Not with cu_seqlens, state_indices or num_snapshots.
 
     Returns:
       `(o, final_state)`, or `(o, final_state, snapshots)` when `num_snapshots > 0`: o
@@ -396,6 +401,10 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                     use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel)
     if use_gate_in_kernel:
         g = gate_from_raw(g, A_log, dt_bias, lower_bound)
+    seg_masks = None
+    if segment_ids is not None:
+        _check_segment_ids(segment_ids, q, cu_seqlens, state_indices, num_snapshots)
+        seg_masks = segment_masks(segment_ids)
     if use_beta_sigmoid_in_kernel:
         if not hasattr(beta, "dtype") or not jnp.issubdtype(beta.dtype, jnp.floating):
             raise TypeError("beta (the raw b, with use_beta_sigmoid_in_kernel=True) must be a "
@@ -409,6 +418,8 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                         state_layout=state_layout, cu_seqlens=cu_seqlens,
                         state_indices=state_indices, num_snapshots=num_snapshots,
                         output_final_state=output_final_state)
+    if seg_masks is not None:
+        g, beta = apply_segments(g, beta, *seg_masks)
     num_snapshots = int(num_snapshots)
     impl = _resolve_impl(impl, dims, num_snapshots)  # option conflicts raise even at T == 0
     if impl == "reference":
@@ -424,8 +435,28 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                   output_final_state, state_layout, interpret, num_snapshots,
                   state_indices is not None, families)
     o, ht, snaps = _gdn(cfg, q, k, v, g, beta, initial_state, cu_seqlens, state_indices)
+    if seg_masks is not None:
+        o = jnp.where(seg_masks[1][..., None, None], jnp.zeros((), o.dtype), o)
     o, ht, snaps = _named_outputs(o, ht, snaps)
     return (o, ht) if not num_snapshots else (o, ht, snaps)
+
+
+def _check_segment_ids(segment_ids, q, cu_seqlens, state_indices, num_snapshots):
+    if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
+        raise TypeError(f"segment_ids must be an integer array [B, T], got "
+                        f"{type(segment_ids).__name__}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise TypeError(f"segment_ids must be an integer array, got dtype {segment_ids.dtype}")
+    want = tuple(q.shape[:2]) if getattr(q, "ndim", 0) == 4 else None
+    if want is not None and tuple(segment_ids.shape) != want:
+        raise ValueError(f"segment_ids must have shape [B, T] = {list(want)} (q's first two "
+                         f"axes), got {list(segment_ids.shape)}")
+    for name, x in (("cu_seqlens", cu_seqlens), ("state_indices", state_indices)):
+        if x is not None:
+            raise ValueError(f"segment_ids and {name} are two ways to pack sequences: pass one")
+    if num_snapshots:
+        raise ValueError("segment_ids with num_snapshots is not supported (snapshots are per "
+                         "sequence; use cu_seqlens)")
 
 
 # Names for `jax.checkpoint` policies (`jax.checkpoint_policies.save_only_these_names`). The op

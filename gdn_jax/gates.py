@@ -88,3 +88,36 @@ def gate_from_raw(a, A_log, dt_bias, lower_bound=None):
 def beta_from_raw(b):
     """beta = sigmoid(b) in float32."""
     return jax.nn.sigmoid(b.astype(jnp.float32))
+
+
+def segment_masks(segment_ids):
+    """(reset, pad), both `[B, T]` bool, from MaxText-style segment ids `[B, T]`.
+
+    Id 0 marks padding. A token starts a new sequence (reset) when its id is nonzero and
+    differs from the last nonzero id before it in its row; a row's first real token continues
+    from the row's initial state. jnp only, so traced ids work.
+    """
+    seg = segment_ids.astype(jnp.int32)
+    T = seg.shape[1]
+    real = seg != 0
+    pos = jnp.where(real, jnp.arange(T, dtype=jnp.int32), -1)
+    last = jax.lax.cummax(pos, axis=1)                        # last real position <= t
+    prev = jnp.concatenate([jnp.full_like(last[:, :1], -1), last[:, :-1]], axis=1)
+    prev_id = jnp.take_along_axis(seg, jnp.maximum(prev, 0), axis=1)
+    reset = real & (prev >= 0) & (seg != prev_id)
+    return reset, ~real
+
+
+# A gate this negative makes exp(g) exactly 0 in float32 after the op's clamp: the state is
+# wiped before the token's update, so the token starts its sequence from zeros.
+RESET_GATE = -1.0e4
+
+
+def apply_segments(g, beta, reset, pad):
+    """g and beta with segment starts wiping the state and padding tokens made identity
+    tokens (g = 0, beta = 0: they leave the state as it is)."""
+    r = reset[..., None, None] if g.ndim == 4 else reset[..., None]
+    p = pad[..., None, None] if g.ndim == 4 else pad[..., None]
+    g = jnp.where(r, jnp.asarray(RESET_GATE, g.dtype), jnp.where(p, jnp.zeros((), g.dtype), g))
+    beta = jnp.where(pad[..., None], jnp.zeros((), beta.dtype), beta)
+    return g, beta
