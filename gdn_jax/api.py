@@ -51,6 +51,7 @@ class _Config:
     num_snapshots: int = 0
     pool: bool = False  # h0 is a state pool indexed by state_indices
     families: tuple[str, ...] = ()
+    dot_precision: str = "highest"  # XLA paths' data-state dots: "highest" or "default"
 
 
 def _resolve_impl(impl: str, dims: Dims, num_snapshots: int) -> str:
@@ -179,7 +180,8 @@ def _xla_fn(cfg: _Config, impl: str):
     # The fast paths compute in the caller's layout; the reference (the oracle) sees "kv".
     native = impl != "reference"
     if native:
-        path = functools.partial(path, state_layout=cfg.state_layout)
+        path = functools.partial(path, state_layout=cfg.state_layout,
+                                 dot_precision=_PRECISIONS[cfg.dot_precision])
     layout = cfg.state_layout if native else "kv"
 
     def to_path(x):
@@ -338,7 +340,8 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                     impl: str = "auto", backend: str = "auto", interpret: bool = False,
                     state_layout: str = "kv", use_gate_in_kernel: bool = False, A_log=None,
                     dt_bias=None, lower_bound: float | None = None,
-                    use_beta_sigmoid_in_kernel: bool = False, segment_ids=None):
+                    use_beta_sigmoid_in_kernel: bool = False, segment_ids=None,
+                    precision: str = "auto"):
     """The gated delta rule (GDA or KDA) over T tokens of B independent sequences.
 
     Args:
@@ -381,6 +384,10 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
         use_gate_in_kernel.
       lower_bound: a negative float, KDA only (fla's safe gate).
       use_beta_sigmoid_in_kernel: `beta` is the raw `b` and the op uses `sigmoid(b)`.
+      precision: the XLA paths' dots between data and state: "auto" (default precision
+        with float32 accumulation for 16-bit inputs, HIGHEST for float32 inputs), "highest" or
+        "default". Gate cumsums, the triangular solve and the state stay float32 / HIGHEST;
+        the reference always uses HIGHEST. No effect on the CPU, where both are exact.
       segment_ids: int `[B, T]`, documents packed into rows (MaxText / Levanter style): a
         change of nonzero id starts a new sequence from a zero state; id 0 is padding (zero
         outputs, the state passes through unchanged). A row's first real token continues from
@@ -418,6 +425,7 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                         state_layout=state_layout, cu_seqlens=cu_seqlens,
                         state_indices=state_indices, num_snapshots=num_snapshots,
                         output_final_state=output_final_state)
+    dot_precision = _resolve_precision(precision, q.dtype)
     if seg_masks is not None:
         g, beta = apply_segments(g, beta, *seg_masks)
     num_snapshots = int(num_snapshots)
@@ -433,12 +441,23 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                                          (q, k, v, g, beta, initial_state), state_layout, varlen)
     cfg = _Config(impl, backend, default_scale(scale, dims.K), use_qk_l2norm_in_kernel,
                   output_final_state, state_layout, interpret, num_snapshots,
-                  state_indices is not None, families)
+                  state_indices is not None, families, dot_precision)
     o, ht, snaps = _gdn(cfg, q, k, v, g, beta, initial_state, cu_seqlens, state_indices)
     if seg_masks is not None:
         o = jnp.where(seg_masks[1][..., None, None], jnp.zeros((), o.dtype), o)
     o, ht, snaps = _named_outputs(o, ht, snaps)
     return (o, ht) if not num_snapshots else (o, ht, snaps)
+
+
+_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}
+
+
+def _resolve_precision(precision, dtype) -> str:
+    if precision == "auto":
+        return "highest" if jnp.dtype(dtype) == jnp.float32 else "default"
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of ('auto', 'highest', 'default')")
+    return precision
 
 
 def _check_segment_ids(segment_ids, q, cu_seqlens, state_indices, num_snapshots):

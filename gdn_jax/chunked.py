@@ -13,8 +13,8 @@ from ._varlen import chunk_layout, from_aligned, to_aligned
 SUB = 16  # KDA sub-block size and block size of the triangular solve
 
 
-def _dot(spec, a, b):
-    return jnp.einsum(spec, a, b, precision=HIGHEST)
+def _dot(spec, a, b, precision=HIGHEST):
+    return jnp.einsum(spec, a, b, precision=precision)
 
 
 def _solve_unit_lower(a, x, bs=SUB):
@@ -39,7 +39,7 @@ def _solve_unit_lower(a, x, bs=SUB):
     return jnp.concatenate(ys, -2)
 
 
-def _pairs(xs, k, G):
+def _pairs(xs, k, G, precision=HIGHEST):
     """Strictly-lower pairwise terms sum_d xs_xid k_jd exp(G_id - G_jd), i > j (docs/spec.md section 5).
 
     xs: [..., 2, n, K] (rows: k and q), k, G: [..., n, K]; returns [..., 2, n, n]. Sub-blocks
@@ -76,17 +76,18 @@ def _pairs(xs, k, G):
             Gr = G[..., r:r + 1, :]
             left = xs[..., a * m:(a + 1) * m, :] * jnp.exp(G[..., a * m:(a + 1) * m, :] - Gr)[..., None, :, :]
             right = k[..., :r + 1, :] * jnp.exp(Gr - G[..., :r + 1, :])
-            off = _dot("bik,bjk->bij", left.reshape(nbat, 2 * m, K), right.reshape(nbat, r + 1, K))
+            off = _dot("bik,bjk->bij", left.reshape(nbat, 2 * m, K), right.reshape(nbat, r + 1, K),
+                       precision)
             row = row + jnp.pad(off.reshape(lead + (2, m, r + 1)), [(0, 0)] * (nl + 2) + [(0, n - r - 1)])
         rows.append(row)
     return jnp.concatenate(rows, axis=-2)
 
 
-def _kda_pair_terms(k, q, b, Gc):
+def _kda_pair_terms(k, q, b, Gc, precision=HIGHEST):
     """KDA's A = beta_i sum_d k_id k_jd exp(G_id - G_jd) (i > j) and the causal
     P = sum_d q_id k_jd exp(G_id - G_jd) (i >= j; the diagonal factor is the constant 1)."""
     C = k.shape[-2]
-    out = _pairs(jnp.stack([k, q], axis=-3), k, Gc)
+    out = _pairs(jnp.stack([k, q], axis=-3), k, Gc, precision)
     A = b[..., None] * out[..., 0, :, :]
     P = out[..., 1, :, :] + jnp.sum(q * k, axis=-1)[..., :, None] * jnp.eye(C, dtype=k.dtype)
     return A, P
@@ -94,7 +95,7 @@ def _kda_pair_terms(k, q, b, Gc):
 
 def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
                             use_qk_l2norm: bool = False, chunk_size: int = 64, cu_seqlens=None,
-                            state_layout: str = "kv"):
+                            state_layout: str = "kv", dot_precision=HIGHEST):
     """Chunk-parallel gated delta rule; GDA or KDA by the shape of g.
 
     q, k: [B, T, Hk, K]; v: [B, T, Hv, V]; g: [B, T, Hv] (GDA) or [B, T, Hv, K] (KDA);
@@ -111,6 +112,9 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
 
     state_layout="vk": initial and final states are `[.., Hv, V, K]` and the carried state
     stays in that layout (its two dots contract it where it lies; no transpose of the state).
+
+    dot_precision: the precision of the dots between data and state (k k^T, q k^T, the state
+    products, P Vn); the gate cumsums and the triangular solve always use HIGHEST.
     """
     if chunk_size <= 0 or chunk_size % SUB:
         raise ValueError(f"chunk_size must be a positive multiple of {SUB}, got {chunk_size}")
@@ -171,7 +175,7 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
         if kda:
             kg = jnp.broadcast_to(k_c[:, :, None], G_c.shape)
             qg = jnp.broadcast_to(q_c[:, :, None], G_c.shape)
-            A, P = _kda_pair_terms(kg, qg, b_c, G_c)
+            A, P = _kda_pair_terms(kg, qg, b_c, G_c, dot_precision)
             eG = jnp.exp(G_c)
             Gl = G_c[..., -1:, :]
             kd = kg * jnp.where(last[:, None], 1.0, jnp.exp(jnp.where(last[:, None], 0.0, Gl - G_c)))
@@ -180,8 +184,8 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
             dec = jnp.exp(Gl[..., 0, :])[..., :, None]
         else:
             # k.k^T and q.k^T depend only on the key head: once per key head, shared by its group
-            KK = _dot("bhik,bhjk->bhij", k_c, k_c)[:, :, None]
-            QK = _dot("bhik,bhjk->bhij", q_c, k_c)[:, :, None]
+            KK = _dot("bhik,bhjk->bhij", k_c, k_c, dot_precision)[:, :, None]
+            QK = _dot("bhik,bhjk->bhij", q_c, k_c, dot_precision)[:, :, None]
             Ds = jnp.exp((G_c[..., :, None] - G_c[..., None, :]) * strictf) * strictf  # masked args: 0
             A = b_c[..., None] * KK * Ds
             P = QK * (Ds + eye)
@@ -195,14 +199,14 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
         # Vn = (I + A)^-1 (beta V - beta exp(G) K S) by forward substitution (no W, U), the
         # output exp(G) Q S + P Vn and the state update.
         Y = _dot("...ck,...vk->...cv" if vk else "...ck,...kv->...cv",
-                 jnp.concatenate([bK, eQ], axis=-2), S)
+                 jnp.concatenate([bK, eQ], axis=-2), S, dot_precision)
         X = b_c[..., None] * v_c - Y[..., :C, :]
         Vn = _solve_unit_lower(A, X)
-        o_c = Y[..., C:, :] + _dot("...ij,...jv->...iv", P, Vn)
+        o_c = Y[..., C:, :] + _dot("...ij,...jv->...iv", P, Vn, dot_precision)
         if vk:
-            S = jnp.swapaxes(dec, -1, -2) * S + _dot("...cv,...ck->...vk", Vn, kd)
+            S = jnp.swapaxes(dec, -1, -2) * S + _dot("...cv,...ck->...vk", Vn, kd, dot_precision)
         else:
-            S = dec * S + _dot("...ck,...cv->...kv", kd, Vn)
+            S = dec * S + _dot("...ck,...cv->...kv", kd, Vn, dot_precision)
         o_c = o_c.transpose(0, 3, 1, 2, 4).reshape(B, C, Hv, V)
         return S, ((o_c, S[0]) if layout is not None else o_c)
 

@@ -13,7 +13,7 @@ from ._common import HIGHEST, prepare
 from ._varlen import run_tokens
 
 
-def _matvec(S, x, vk: bool):
+def _matvec(S, x, vk: bool, precision=HIGHEST):
     """`[.., K, V]` states (`[.., V, K]` when vk) against `[.., 2, K]` vectors, in one read of
     S where it lies (never transposed): `(S^T x_0, S^T x_1)`, each `[.., V]`.
 
@@ -27,13 +27,14 @@ def _matvec(S, x, vk: bool):
         # S [.., V, K] times x^T [.., K, 2], result kept [.., V, 2]: XLA CPU runs this dot at
         # the "kv" speed. Any form with a [.., 2, V] result (einsum over x's last axis, or
         # this product transposed, which XLA folds into the dot) ran about 8x slower.
-        p = jnp.matmul(S, jnp.swapaxes(x, -1, -2), precision=HIGHEST)
+        p = jnp.matmul(S, jnp.swapaxes(x, -1, -2), precision=precision)
         return p[..., 0], p[..., 1]
-    p = jnp.einsum("...jk,...kv->...jv", x, S, precision=HIGHEST)
+    p = jnp.einsum("...jk,...kv->...jv", x, S, precision=precision)
     return p[..., 0, :], p[..., 1, :]
 
 
-def _step(S, q_t, k_t, v_t, g_t, b_t, *, scale: float, kda: bool, vk: bool = False):
+def _step(S, q_t, k_t, v_t, g_t, b_t, *, scale: float, kda: bool, vk: bool = False,
+          precision=HIGHEST):
     """One token for every sequence and head.
 
     S: [B, Hv, K, V] ([B, Hv, V, K] when vk: the same maths in the caller's layout); q_t, k_t:
@@ -53,11 +54,11 @@ def _step(S, q_t, k_t, v_t, g_t, b_t, *, scale: float, kda: bool, vk: bool = Fal
         # decay on the key rows: S_d^T x = S^T (a * x), per value head
         a5 = a.reshape(B, Hk, G, K)
         x = jnp.stack([a5 * k_t[:, :, None], a5 * qs[:, :, None]], axis=3)  # [B, Hk, G, 2, K]
-        sk, sq = _matvec(S5, x, vk)
+        sk, sq = _matvec(S5, x, vk, precision)
     else:
         x = jnp.stack([k_t, qs], axis=2)[:, :, None]  # [B, Hk, 1, 2, K], shared by the G value heads
         a4 = a.reshape(B, Hk, G, 1)
-        sk, sq = (p * a4 for p in _matvec(S5, x, vk))
+        sk, sq = (p * a4 for p in _matvec(S5, x, vk, precision))
     sk, sq = sk.reshape(B, Hv, V), sq.reshape(B, Hv, V)  # S_d^T k, S_d^T (scale q)
     u = b_t[..., None] * (v_t - sk)
     kq = jnp.sum(k_t * qs, axis=-1)  # [B, Hk]
@@ -75,7 +76,8 @@ def _step(S, q_t, k_t, v_t, g_t, b_t, *, scale: float, kda: bool, vk: bool = Fal
 
 def recurrent_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
                               use_qk_l2norm: bool = False, cu_seqlens=None,
-                              num_snapshots: int = 0, state_layout: str = "kv"):
+                              num_snapshots: int = 0, state_layout: str = "kv",
+                              dot_precision=HIGHEST):
     """Token-by-token recurrence with one read and one write of the state per token.
 
     Same arguments and results as `reference_gated_delta_net` (packed sequences and
@@ -88,7 +90,8 @@ def recurrent_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     q, k, v, g, beta = prepare(q, k, v, g, beta, use_qk_l2norm=use_qk_l2norm)
 
     def step(S, xs):
-        return _step(S, *xs, scale=scale, kda=kda, vk=state_layout == "vk")
+        return _step(S, *xs, scale=scale, kda=kda, vk=state_layout == "vk",
+                     precision=dot_precision)
 
     o, S, snaps = run_tokens(step, initial_state.astype(jnp.float32), (q, k, v, g, beta),
                              cu_seqlens=cu_seqlens, num_snapshots=num_snapshots)
