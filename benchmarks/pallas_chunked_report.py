@@ -88,7 +88,9 @@ def timed_ptxas():
     return times
 
 
-def compile_rows(names):
+def compile_rows(names, save=None):
+    """Compiles the named cases (all when empty); with save, the rows so far are written to
+    that JSON file after every program (a long run can be stopped and still be reported)."""
     times = timed_ptxas()
     rows = []
     for name, kda, dtype, K, N in CASES:
@@ -105,6 +107,9 @@ def compile_rows(names):
             for k in ks:
                 if k["pallas"]:
                     rows.append((name, which, k, times.get(k["name"])))
+            if save:
+                with open(save, "w") as fh:
+                    json.dump(rows, fh)
     return rows
 
 
@@ -166,14 +171,12 @@ def main():
         reason = gpu_compile.unavailable_reason()
         lines += ["## Compile report", ""]
         if a.from_json:
-            rows = [tuple(r) for f in a.from_json for r in json.load(open(f))]
+            rows = [tuple(r) for f in a.from_json for r in json.load(open(f))
+                    if not a.cases or r[0] in a.cases]
         elif reason:
             rows = None
         else:
-            rows = compile_rows(a.cases)
-            if a.save_json:
-                with open(a.save_json, "w") as fh:
-                    json.dump(rows, fh)
+            rows = compile_rows(a.cases, a.save_json)
         lines += [f"Unavailable: {reason}"] if rows is None else compile_table(rows)
         lines.append("")
     lines += ["## Cost model (predictions, H100 SXM roofline)", "",

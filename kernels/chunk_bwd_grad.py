@@ -170,9 +170,11 @@ def _dk_chunk(k_ref, g_ref, b_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_ref, x_r
         dGl = jnp.sum(t, axis=0) + jnp.exp(Gl) * sSdH
         dG = _rows(dg1_ref, t0, C, T) - t + jnp.where(row == C - 1, dGl[None, :], 0.0)
         bE = beta[:, None] * eG
-        dT = _dot(dW, bE * k, tb=True, lp=hp) + X * beta[None, :]
+        # KDA in 16-bit: the [C, K] products in the input dtype (bf16x3 operands do not fit
+        # next to the per-key gate tiles)
+        dT = _dot(dW, bE * k, tb=True, lp=lp) + X * beta[None, :]
         _store_dA(da_ref, t0, dT, Tm, T, hp)
-        dbK = _dot(Tm, dW, ta=True, lp=hp)
+        dbK = _dot(Tm, dW, ta=True, lp=lp)
         ekdbK = eG * k * dbK
         dbeta = jnp.sum(ekdbK, axis=1)
         dG = dG + beta[:, None] * ekdbK
@@ -211,7 +213,9 @@ def _revcumsum(dG, lp):
     ii, jj = _iota(C, C, 0), _iota(C, C, 1)
     if dG.ndim == 1:
         return jnp.sum(jnp.where(ii >= jj, dG[:, None], 0.0), axis=0)
-    return _dot(jnp.where(ii >= jj, 1.0, 0.0), dG, ta=True, lp=_hp(lp))
+    if lp is not None:   # 16-bit inputs: total - exclusive prefix (a scan; no [C, K] dot operands)
+        return jnp.sum(dG, axis=0)[None, :] - jnp.cumsum(dG, axis=0) + dG
+    return _dot(jnp.where(ii >= jj, 1.0, 0.0), dG, ta=True)
 
 
 def _da_chunk(k_ref, g_ref, b_ref, tm_ref, x_ref, da_ref, dk1_ref, dk2_ref, db2_ref, dg2_ref,
@@ -233,7 +237,7 @@ def _da_chunk(k_ref, g_ref, b_ref, tm_ref, x_ref, da_ref, dk1_ref, dk2_ref, db2_
     hp = _hp(lp)
     if kda:
         db = db + jnp.sum(dA * _rows(a_ref, t0, C, T), axis=1)
-        (dxk,), dy = _kda_pairs_bwd([dA * beta[:, None]], [k], k, G, [hp])
+        (dxk,), dy = _kda_pairs_bwd([dA * beta[:, None]], [k], k, G, [lp])
         dk = dxk + dy
         _store_rows(dg_ref, t0, _rows(dg2_ref, t0, C, T) + _revcumsum(k * dxk - k * dy, lp), T)
     else:
