@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,15 +78,22 @@ def _pallas_module(impl: str, family: str = "pallas_triton"):
     return recurrent if impl == "recurrent" else chunked
 
 
-def _varlen_kwargs(cu_seqlens=None, state_indices=None, num_snapshots=0, *, impl="recurrent"):
+def _varlen_kwargs(cu_seqlens=None, state_indices=None, num_snapshots=0, *, impl="recurrent",
+                   output_state_indices=None, has_initial_state=None):
     """The packed/pool/snapshot keywords a kernel takes, only where they are in use. The
     chunked kernel sees per-sequence states: the op handles a pool around it."""
     kw = {}
     if cu_seqlens is not None:
         kw["cu_seqlens"] = cu_seqlens
     if impl == "recurrent":
+        if isinstance(state_indices, Slots):
+            state_indices, output_state_indices, has_initial_state = state_indices
         if state_indices is not None:
             kw["state_indices"] = state_indices
+            if output_state_indices is not None:
+                kw["output_state_indices"] = output_state_indices
+            if has_initial_state is not None:
+                kw["has_initial_state"] = has_initial_state
         if num_snapshots:
             kw["num_snapshots"] = num_snapshots
     return kw
@@ -106,8 +113,11 @@ def _resolve_backend(backend: str, impl: str, interpret: bool, args, state_layou
     if impl == "chunked" and varlen.get("state_indices") is not None:  # the kernel sees gathered states
         h0 = jax.ShapeDtypeStruct((varlen["state_indices"].shape[0],) + h0.shape[1:], h0.dtype)
     kw = _varlen_kwargs(**varlen, impl=impl)
-    reasons = {fam: _pallas_module(impl, fam).supports(q, k, v, g, beta, h0,
-                                                       state_layout=state_layout, **kw)
+    serving = {"output_state_indices", "has_initial_state"} & set(kw)
+    reasons = {fam: (f"the Mosaic TPU kernels do not take {', '.join(sorted(serving))}"
+                     if serving and fam == "pallas_mosaic_tpu" else
+                     _pallas_module(impl, fam).supports(q, k, v, g, beta, h0,
+                                                        state_layout=state_layout, **kw))
                for fam in FAMILY_PLATFORM}
     if interpret and backend in ("auto", "pallas"):
         # interpret mode: the Triton kernels' code on any platform ("auto" falls back to XLA)
@@ -133,20 +143,43 @@ def _to_kv(cfg: _Config, x):
     return jnp.swapaxes(x, -1, -2) if (x is not None and cfg.state_layout == "vk") else x
 
 
-def _gather_slots(pool, idx):
-    """The pool slots of the sequences (`pool[idx]`), zeros for padding entries (-1)."""
-    valid = (idx >= 0)[:, None, None, None]
-    return jnp.where(valid, jnp.take(pool, jnp.maximum(idx, 0), axis=0), 0.0)
+class Slots(NamedTuple):
+    """A pool's per-sequence slots: `read` (state_indices, -1 for padding), `write`
+    (output_state_indices, None to write where read, -1 to skip) and `has` (has_initial_state:
+    False starts from zeros without using the slot; None for all True)."""
+
+    read: jax.Array
+    write: jax.Array | None = None
+    has: jax.Array | None = None
 
 
-def _scatter_slots(pool, idx, states):
-    """`pool` with slot `idx[n]` set to `states[n]`; padding entries (-1) write nothing."""
-    return pool.at[jnp.where(idx >= 0, idx, pool.shape[0])].set(states, mode="drop")
+def _read_mask(s: Slots):
+    valid = s.read >= 0
+    return valid if s.has is None else valid & s.has
 
 
-def _zero_padding_tokens(x, idx, cu):
-    """x `[B, T, ...]` with the tokens of padding sequences (idx == -1) set to zero."""
-    valid = idx >= 0
+def _write_index(s: Slots, P: int):
+    """Slot each sequence writes, P (dropped) for none: padding reads and writes nothing."""
+    w = s.read if s.write is None else s.write
+    return jnp.where((s.read >= 0) & (w >= 0), w, P)
+
+
+def _gather_slots(pool, s: Slots, index=None):
+    """The pool slots the sequences read (`pool[read]`), zeros for padding entries (-1) and
+    for has_initial_state False; `index` overrides the slots read (the mask stays)."""
+    idx = s.read if index is None else index
+    valid = _read_mask(s)[:, None, None, None]
+    return jnp.where(valid, jnp.take(pool, jnp.clip(idx, 0, pool.shape[0] - 1), axis=0), 0.0)
+
+
+def _scatter_slots(pool, s: Slots, states):
+    """`pool` with each sequence's write slot set to its state; nothing else changes."""
+    return pool.at[_write_index(s, pool.shape[0])].set(states, mode="drop")
+
+
+def _zero_padding_tokens(x, s: Slots, cu):
+    """x `[B, T, ...]` with the tokens of padding sequences (read slot -1) set to zero."""
+    valid = s.read >= 0
     if cu is None:
         mask = valid[:, None, None, None]
     else:  # per packed token: the validity of its sequence
@@ -165,7 +198,7 @@ def _pooled(cfg: _Config, fn):
             return fn(q, k, v, g, beta, h0, cu)
         o, ht, snaps = fn(q, k, v, g, beta, _gather_slots(h0, idx), cu)
         if snaps is not None:
-            snaps = jnp.where((idx >= 0)[:, None, None, None, None], snaps, 0.0)
+            snaps = jnp.where((idx.read >= 0)[:, None, None, None, None], snaps, 0.0)
         return _zero_padding_tokens(o, idx, cu), _scatter_slots(h0, idx, ht), snaps
 
     return run
@@ -269,15 +302,20 @@ def _pallas_backward(cfg: _Config, family: str, inputs, h0, cu, idx, cotangents)
     do, dht, _ = cotangents
     pool = h0 if cfg.pool else None
     if cfg.pool:  # per-sequence states and their cotangents from the pool
-        h0, dht = _gather_slots(pool, idx), _gather_slots(dht, idx)
+        P = pool.shape[0]
+        w = _write_index(idx, P)
+        h0 = _gather_slots(pool, idx)
+        dht = jnp.where((w < P)[:, None, None, None], jnp.take(dht, jnp.minimum(w, P - 1), axis=0), 0.0)
         do = _zero_padding_tokens(do, idx, cu)
     h0, dht = _to_kv(cfg, h0), _to_kv(cfg, dht)
     *grads, dh0 = chunked_backward(*inputs, h0, do, dht, scale=cfg.scale,
                                    use_qk_l2norm=cfg.use_qk_l2norm, interpret=cfg.interpret,
                                    **_varlen_kwargs(cu, impl="chunked"))
     dh0 = _to_kv(cfg, dh0)
-    if cfg.pool:
-        return (*grads, _scatter_slots(cotangents[1], idx, dh0))
+    if cfg.pool:  # overwritten slots get no cotangent; the slots read get dh0
+        dpool = cotangents[1].at[w].set(0.0, mode="drop")
+        dpool = dpool.at[jnp.where(_read_mask(idx), idx.read, P)].add(dh0, mode="drop")
+        return (*grads, dpool)
     return (*grads, dh0)
 
 
@@ -329,6 +367,8 @@ def _empty_call(q, v, initial_state, cu_seqlens, state_indices, dims, *, output_
     ht = None
     if output_final_state:
         ht = initial_state if initial_state is not None else per_seq
+        if state_indices is not None and state_indices.write is not None:
+            ht = _scatter_slots(initial_state, state_indices, per_seq)
     if not num_snapshots:
         return o, ht
     return o, ht, jnp.broadcast_to(per_seq[:, None], (N, num_snapshots) + shape[1:])
@@ -341,7 +381,8 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                     state_layout: str = "kv", use_gate_in_kernel: bool = False, A_log=None,
                     dt_bias=None, lower_bound: float | None = None,
                     use_beta_sigmoid_in_kernel: bool = False, segment_ids=None,
-                    precision: str = "auto"):
+                    precision: str = "auto", output_state_indices=None,
+                    has_initial_state=None):
     """The gated delta rule (GDA or KDA) over T tokens of B independent sequences.
 
     Args:
@@ -388,6 +429,13 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
         with float32 accumulation for 16-bit inputs, HIGHEST for float32 inputs), "highest" or
         "default". Gate cumsums, the triangular solve and the state stay float32 / HIGHEST;
         the reference always uses HIGHEST. No effect on the CPU, where both are exact.
+      output_state_indices: int32 `[N]` with `state_indices` (FlashInfer's name): sequence n
+        reads slot `state_indices[n]` and writes its final state to slot
+        `output_state_indices[n]` (-1: writes nothing); every other slot, the read slots
+        included, is left unchanged. Write slots must be distinct from each other and from the
+        slots other sequences of the call read (else unspecified, no crash).
+      has_initial_state: bool `[N]`: False starts sequence n from zeros without using its
+        initial state or pool slot (a new request in a recycled slot).
       segment_ids: int `[B, T]`, documents packed into rows (MaxText / Levanter style): a
         change of nonzero id starts a new sequence from a zero state; id 0 is padding (zero
         outputs, the state passes through unchanged). A row's first real token continues from
@@ -428,15 +476,23 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
     dot_precision = _resolve_precision(precision, q.dtype)
     if seg_masks is not None:
         g, beta = apply_segments(g, beta, *seg_masks)
+    _check_serving(output_state_indices, has_initial_state, state_indices, dims.N, initial_state)
     num_snapshots = int(num_snapshots)
     impl = _resolve_impl(impl, dims, num_snapshots)  # option conflicts raise even at T == 0
     if impl == "reference":
         _resolve_backend(backend, impl, interpret, None, state_layout, {})  # raises on kernels
+    if initial_state is not None and has_initial_state is not None and state_indices is None:
+        initial_state = jnp.where(has_initial_state[:, None, None, None], initial_state, 0.0)
+    if state_indices is not None:
+        state_indices = Slots(state_indices, output_state_indices, has_initial_state)
     if dims.T == 0:  # nothing to run: the states pass through
         return _empty_call(q, v, initial_state, cu_seqlens, state_indices, dims,
                            output_final_state=output_final_state, num_snapshots=num_snapshots,
                            state_layout=state_layout)
-    varlen = dict(cu_seqlens=cu_seqlens, state_indices=state_indices, num_snapshots=num_snapshots)
+    varlen = dict(cu_seqlens=cu_seqlens, num_snapshots=num_snapshots,
+                  **({} if state_indices is None else dict(zip(
+                      ("state_indices", "output_state_indices", "has_initial_state"),
+                      state_indices))))
     backend, families = _resolve_backend(backend, impl, interpret,
                                          (q, k, v, g, beta, initial_state), state_layout, varlen)
     cfg = _Config(impl, backend, default_scale(scale, dims.K), use_qk_l2norm_in_kernel,
@@ -458,6 +514,37 @@ def _resolve_precision(precision, dtype) -> str:
     if precision not in _PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of ('auto', 'highest', 'default')")
     return precision
+
+
+def _check_serving(out_idx, has, state_indices, N, initial_state):
+    """Checks output_state_indices and has_initial_state (shapes and dtypes; values when concrete)."""
+    from ._common import _concrete  # noqa: PLC0415
+    if out_idx is not None:
+        if state_indices is None:
+            raise ValueError("output_state_indices needs state_indices (it names the pool slot each "
+                             "sequence writes; state_indices names the slot it reads)")
+        if not hasattr(out_idx, "dtype") or jnp.dtype(out_idx.dtype) != jnp.int32:
+            raise TypeError(f"output_state_indices must be an int32 array [N], got "
+                            f"{getattr(out_idx, 'dtype', type(out_idx).__name__)}")
+        if tuple(out_idx.shape) != (N,):
+            raise ValueError(f"output_state_indices must have shape [N]=[{N}], got "
+                             f"{tuple(out_idx.shape)}")
+        vals = _concrete(out_idx)
+        if vals is not None:
+            P = initial_state.shape[0]
+            bad = (vals < -1) | (vals >= P)
+            if bad.any():
+                raise ValueError(f"output_state_indices must lie in [-1, P) with P={P}, got "
+                                 f"{int(vals[bad][0])}")
+            used = vals[vals >= 0]
+            if len(set(used.tolist())) != used.size:
+                raise ValueError("output_state_indices must not repeat a slot")
+    if has is not None:
+        if not hasattr(has, "dtype") or jnp.dtype(has.dtype) != jnp.bool_:
+            raise TypeError(f"has_initial_state must be a bool array [N], got "
+                            f"{getattr(has, 'dtype', type(has).__name__)}")
+        if tuple(has.shape) != (N,):
+            raise ValueError(f"has_initial_state must have shape [N]=[{N}], got {tuple(has.shape)}")
 
 
 def _check_segment_ids(segment_ids, q, cu_seqlens, state_indices, num_snapshots):

@@ -70,7 +70,8 @@ _MIN_PROGRAMS = 264
 
 
 def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv",
-             cu_seqlens=None, state_indices=None, num_snapshots: int = 0):
+             cu_seqlens=None, state_indices=None, num_snapshots: int = 0,
+             output_state_indices=None, has_initial_state=None):
     """None if `fused_recurrent` can serve these shapes/dtypes, else the reason (a str).
 
     Looks at shapes and dtypes only (ShapeDtypeStructs work); never at the default device and
@@ -110,6 +111,15 @@ def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv",
             return f"state_indices dtype {state_indices.dtype} is not an integer dtype"
         if initial_state is None:
             return "state_indices needs initial_state (the state pool [P, Hv, ...])"
+    for name, x, dtype_ok in (("output_state_indices", output_state_indices, is_int_dtype),
+                              ("has_initial_state", has_initial_state,
+                               lambda a: jnp.dtype(a.dtype) == jnp.bool_)):
+        if x is None:
+            continue
+        if state_indices is None:
+            return f"{name} is taken with state_indices (a pool) only"
+        if getattr(x, "ndim", None) != 1 or x.shape[0] != N or not dtype_ok(x):
+            return f"{name} must be [N] = [{N}] of the right dtype, got {getattr(x, 'shape', x)}"
     if initial_state is not None:
         pool = state_indices is not None
         lead = initial_state.shape[0] if (pool and getattr(initial_state, "ndim", 0) == 4) else N
@@ -146,12 +156,14 @@ def choose_config(B: int, Hv: int, K: int, V: int, block_v: int | None = None):
 
 
 def _kernel(*refs, T, scale, use_qk_l2norm, kda, has_h0, store_ht, layout, prefetch,
-            varlen, pool, ns):
+            varlen, pool, ns, write_slots=False, has_flags=False):
     it = iter(refs)
     q_ref, k_ref, v_ref, g_ref, b_ref = (next(it) for _ in range(5))
     h0_ref = next(it) if has_h0 else None
     cu_ref = next(it) if varlen else None
     idx_ref = next(it) if pool else None
+    wr_ref = next(it) if write_slots else None
+    has_ref = next(it) if has_flags else None
     o_ref = next(it)
     ht_ref = next(it) if store_ht else None
     snap_ref = next(it) if ns else None
@@ -179,13 +191,23 @@ def _kernel(*refs, T, scale, use_qk_l2norm, kda, has_h0, store_ht, layout, prefe
         # Slot of this sequence in the pool. -1 (padding) and, likewise, any out-of-range
         # index touch nothing in the pool: no read, no write, o rows zero.
         raw = idx_ref[n]
-        valid = (raw >= 0) & (raw < h0_ref.shape[0])
+        P = h0_ref.shape[0]
+        valid = (raw >= 0) & (raw < P)
         slot = jnp.where(valid, raw, 0)
         bos = jnp.asarray(bos, jnp.int32)
         hi = jnp.where(valid, eos, bos)  # end of the tokens actually run (bos for padding)
+        # has_initial_state False: start from zeros, the slot is not read
+        read = valid & (has_ref[n] != 0) if has_flags else valid
+        # write slot: output_state_indices[n] when given (-1 or out of range: no write)
+        if write_slots:
+            wraw = wr_ref[n]
+            wvalid = valid & (wraw >= 0) & (wraw < P)
+            wslot = jnp.where(wvalid, wraw, 0)
+        else:
+            wvalid, wslot = valid, slot
         # Masked load: the GPU issues no memory transaction for padding (other=0).
         tile = h0_ref.shape[1:]
-        S = to_chip(plt.load(h0_ref.at[slot], mask=jnp.broadcast_to(valid, tile), other=0.0))
+        S = to_chip(plt.load(h0_ref.at[slot], mask=jnp.broadcast_to(read, tile), other=0.0))
     else:
         hi = eos
         S = to_chip(h0_ref[...]) if has_h0 else jnp.zeros((BV, K), jnp.float32)
@@ -250,9 +272,9 @@ def _kernel(*refs, T, scale, use_qk_l2norm, kda, has_h0, store_ht, layout, prefe
 
         jax.lax.fori_loop(hi, eos, zero_row, 0)
 
-        @pl.when(valid)
+        @pl.when(wvalid)
         def _():
-            ht_ref[slot] = to_memory(S)
+            ht_ref[wslot] = to_memory(S)
     elif store_ht:
         ht_ref[...] = to_memory(S)
 
@@ -262,7 +284,8 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
                     interpret: bool = False, state_layout: str = "kv",
                     alias_state: bool = True, block_v: int | None = None,
                     num_warps: int | None = None, prefetch: bool = True,
-                    cu_seqlens=None, state_indices=None, num_snapshots: int = 0):
+                    cu_seqlens=None, state_indices=None, num_snapshots: int = 0,
+                    output_state_indices=None, has_initial_state=None):
     """Runs the gated delta rule through the fused Pallas kernel (T >= 1 packed tokens).
 
     q, k `[B, T, Hk, K]`; v `[B, T, Hv, V]`; g `[B, T, Hv]` (GDA) or `[B, T, Hv, K]` (KDA);
@@ -284,6 +307,10 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
     Index -1 (padding) and any other index outside [0, P) read and write nothing, and their o
     rows (and snapshots) are zeros. Duplicate indices: which sequence's state lands in the slot
     is unspecified. Needs output_final_state=True (the pool is the output).
+    output_state_indices: int `[N]` with state_indices: sequence n writes its final state to
+    slot `output_state_indices[n]` instead (-1 / out of range: no write); has_initial_state:
+    bool `[N]` with state_indices: False starts sequence n from zeros (its slot is not read).
+    A write slot that another sequence of the call reads is unspecified (programs run at once).
     num_snapshots = ns (Python int): also returns snapshots float32 `[N, ns, Hv, K, V]` ("kv") /
     `[N, ns, Hv, V, K]` ("vk"): `snapshots[n, j]` = state after token `L_n - ns + j` of sequence
     n; slots before its first token hold its initial state.
@@ -297,7 +324,8 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
     """
     reason = supports(q, k, v, g, beta, initial_state, state_layout=state_layout,
                       cu_seqlens=cu_seqlens, state_indices=state_indices,
-                      num_snapshots=num_snapshots)
+                      num_snapshots=num_snapshots, output_state_indices=output_state_indices,
+                      has_initial_state=has_initial_state)
     if reason is not None:
         raise ValueError(f"gdn_jax: the Pallas recurrent kernel cannot serve this call: {reason}")
     pool = state_indices is not None
@@ -358,6 +386,14 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
     if pool:
         in_specs.append(pl.BlockSpec((N,), lambda n, h, j: (0,)))
         args.append(jnp.asarray(state_indices).astype(jnp.int32))
+    write_slots = pool and output_state_indices is not None
+    has_flags = pool and has_initial_state is not None
+    if write_slots:
+        in_specs.append(pl.BlockSpec((N,), lambda n, h, j: (0,)))
+        args.append(jnp.asarray(output_state_indices).astype(jnp.int32))
+    if has_flags:
+        in_specs.append(pl.BlockSpec((N,), lambda n, h, j: (0,)))
+        args.append(jnp.asarray(has_initial_state).astype(jnp.int32))
     out_specs = [v_spec]
     out_shape = [jax.ShapeDtypeStruct((B, T, Hv, V), q.dtype)]
     if output_final_state:
@@ -371,9 +407,11 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
     kernel = functools.partial(
         _kernel, T=T, scale=float(scale), use_qk_l2norm=bool(use_qk_l2norm), kda=kda,
         has_h0=has_h0, store_ht=bool(output_final_state), layout=state_layout,
-        prefetch=bool(prefetch) and T > 1, varlen=varlen, pool=pool, ns=ns)
+        prefetch=bool(prefetch) and T > 1, varlen=varlen, pool=pool, ns=ns,
+        write_slots=write_slots, has_flags=has_flags)
     name = (f"gdn_recurrent_{'kda' if kda else 'gda'}_k{K}_v{V}_bv{bv}_{state_layout}"
             f"{'_varlen' if varlen else ''}{'_pool' if pool else ''}"
+            f"{'_wslots' if write_slots else ''}{'_hasinit' if has_flags else ''}"
             f"{'_h0' if has_h0 and not pool else ''}{'_ht' if output_final_state else ''}"
             f"{f'_snap{ns}' if ns else ''}")
     outs = pl.pallas_call(
