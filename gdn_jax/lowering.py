@@ -26,6 +26,8 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 # The device kind string an H100 SXM reports; the Triton lowering matches it to sm_90.
 H100_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
+# The device kind a TPU v5e reports.
+TPU_V5E_DEVICE_KIND = "TPU v5 lite"
 GPU_PLATFORMS = ("cuda", "rocm", "gpu")
 _AXIS = "gdn_abstract_gpu"
 
@@ -66,6 +68,26 @@ def abstract_gpu(device_kind: str = H100_DEVICE_KIND, platform: str = "cuda") ->
         yield
 
 
+@contextlib.contextmanager
+def abstract_tpu(device_kind: str = TPU_V5E_DEVICE_KIND, num_cores: int = 1) -> Iterator[None]:
+    """Context in which Pallas Mosaic TPU kernels lower for `device_kind` without a TPU.
+
+    jax >= 0.11 asks the abstract mesh for the TPU generation (VMEM size and the like) when
+    lowering some Mosaic kernels; like `abstract_gpu`, it does nothing on a TPU or when the
+    abstract mesh in context already names a device.
+    """
+    if not isinstance(device_kind, str) or not device_kind.startswith("TPU"):
+        raise ValueError(f"abstract_tpu: device_kind must be a TPU device kind like "
+                         f"{TPU_V5E_DEVICE_KIND!r}, got {device_kind!r}")
+    if _default_platform() == "tpu" or _context_has_abstract_device():
+        yield
+        return
+    mesh = AbstractMesh((1,), (_AXIS,), axis_types=(AxisType.Auto,), abstract_device=AbstractDevice(
+        device_kind=device_kind, num_cores=num_cores, platform="tpu"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        yield
+
+
 def _check_platforms(platforms: Any) -> tuple[str, ...]:
     if isinstance(platforms, str):
         platforms = (platforms,)
@@ -81,12 +103,20 @@ def lower(fn: Callable, *args, platforms: Sequence[str] = ("cuda",),
     """`jax.jit(fn, **jit_kwargs).trace(*args).lower(lowering_platforms=platforms)`.
 
     When `platforms` includes a GPU platform, tracing and lowering run inside
-    `abstract_gpu(device_kind)`, so this works on a CPU-only machine on every supported JAX.
+    `abstract_gpu(device_kind)`, so this works on a CPU-only machine on every supported JAX;
+    else with "tpu" inside `abstract_tpu()`. The abstract mesh names one device, so on
+    jax >= 0.11 a list with both a GPU and "tpu" gets the GPU: Mosaic TPU kernels that ask
+    for the TPU generation then fail to lower (lower for ("tpu",) separately).
     `args` may be arrays or `jax.ShapeDtypeStruct`s; a multi-platform tuple such as
     ("cpu", "cuda") gives one module that dispatches on the platform at run time.
     """
     platforms = _check_platforms(platforms)
     gpu = next((p for p in platforms if p in GPU_PLATFORMS), None)
-    ctx = abstract_gpu(device_kind, gpu) if gpu else contextlib.nullcontext()
+    if gpu:
+        ctx = abstract_gpu(device_kind, gpu)
+    elif "tpu" in platforms:
+        ctx = abstract_tpu()
+    else:
+        ctx = contextlib.nullcontext()
     with ctx:
         return jax.jit(fn, **jit_kwargs).trace(*args).lower(lowering_platforms=platforms)
