@@ -119,6 +119,7 @@ def _resolve_backend(backend: str, impl: str, interpret: bool, args, state_layou
                      _pallas_module(impl, fam).supports(q, k, v, g, beta, h0,
                                                         state_layout=state_layout, **kw))
                for fam in FAMILY_PLATFORM}
+    asked = backend
     if interpret and backend in ("auto", "pallas"):
         # interpret mode: the Triton kernels' code on any platform ("auto" falls back to XLA)
         if backend == "auto" and reasons["pallas_triton"] is not None:
@@ -126,7 +127,7 @@ def _resolve_backend(backend: str, impl: str, interpret: bool, args, state_layou
         backend = "pallas_triton"
     if backend in FAMILY_PLATFORM:
         if reasons[backend] is not None:
-            raise ValueError(f'backend="{backend}" cannot serve impl="{impl}" for this call: '
+            raise ValueError(f'backend="{asked}" cannot serve impl="{impl}" for this call: '
                              f'{reasons[backend]}. Use backend="auto" to fall back to XLA.')
         return backend, (backend,)
     families = tuple(fam for fam, reason in reasons.items() if reason is None)
