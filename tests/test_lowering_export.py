@@ -113,7 +113,7 @@ def test_export_without_the_disabled_check_names_the_triton_custom_call():
 @pytest.mark.parametrize("kda", [False, True], ids=["GDA", "KDA"])
 def test_cpu_cuda_export_round_trips_bit_exactly_on_the_cpu(kda):
     """Exported for cpu+cuda, serialized, deserialized and called on the CPU: the same bits
-    as calling the op directly, for the forward and the gradient."""
+    as calling the op directly, for the forward (GDA and KDA) and the gradient (GDA)."""
     args = _inputs(kda=kda)
 
     def fwd(q, k, v, g, beta, h0):
@@ -124,7 +124,7 @@ def test_cpu_cuda_export_round_trips_bit_exactly_on_the_cpu(kda):
         return jax.grad(lambda *x: jnp.sum(fwd(*x)[0].astype(jnp.float32) ** 2)
                         + jnp.sum(fwd(*x)[1]), argnums=(0, 1, 2, 3, 4, 5))(*a)
 
-    for fn in (fwd, grads):
+    for fn in (fwd, grads) if not kda else (fwd,):  # KDA's gradient export: the same path, 50 s more
         exp = _export(fn, args, ("cpu", "cuda"))
         assert exp.platforms == ("cpu", "cuda")
         assert TRITON in exp.mlir_module()
