@@ -216,8 +216,11 @@ def test_state_layout_vk_is_the_transpose():
     o, s = gated_delta_net(*args, initial_state=h0, output_final_state=True)
     o2, s2 = gated_delta_net(*args, initial_state=jnp.swapaxes(h0, -1, -2), output_final_state=True,
                              state_layout="vk")
-    np.testing.assert_array_equal(np.asarray(o), np.asarray(o2))
-    np.testing.assert_array_equal(np.asarray(jnp.swapaxes(s, -1, -2)), np.asarray(s2))
+    # The XLA paths contract each layout where it lies (no transpose), so the summation order
+    # differs: equal within float32 rounding, not bit for bit.
+    np.testing.assert_allclose(np.asarray(o2), np.asarray(o), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(s2), np.asarray(jnp.swapaxes(s, -1, -2)), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_zero_length_sequence_passes_the_state_through():
