@@ -189,7 +189,7 @@ def check_inputs(q, k, v, g, beta, initial_state=None, *, scale=None, impl="auto
     N = check_varlen(B, T, cu_seqlens, state_indices, num_snapshots, output_final_state)
     if state_indices is not None and initial_state is None:
         raise ValueError("state_indices needs the state pool: pass it as initial_state "
-                         f"([P, Hv, K, V] for state_layout='kv'), got initial_state=None")
+                         "([P, Hv, K, V] for state_layout='kv'), got initial_state=None")
     if initial_state is not None:
         if not hasattr(initial_state, "shape"):
             raise TypeError(f"initial_state must be an array or None, got {type(initial_state).__name__}")

@@ -6,7 +6,6 @@ uses the old state plus a rank-1 correction: `S_new^T q = S_d^T q + (k . q) u`.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from ._common import HIGHEST, prepare
