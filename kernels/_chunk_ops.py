@@ -174,29 +174,8 @@ def _specs(B, T, Hk, Hv, K, V, group, bv=None):
     return qk, vh, kh, vb, gb
 
 
-def _whole(x):
-    """BlockSpec of a small array read whole by every program (the chunk tables)."""
-    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
-
-
-def _table_args(tabs, chunk_only=False):
-    """(in_specs, args) of the chunk tables (none without cu_seqlens)."""
-    if tabs is None:
-        return [], []
-    xs = [tabs.ctab] if chunk_only else [tabs.ctab, tabs.nused, tabs.empty]
-    return [_whole(x) for x in xs], xs
-
-
 def _num_chunks(T, tabs):
     return pl.cdiv(T, CHUNK) if tabs is None else tabs.num_chunks
-
-
-def _state_spec(tabs, K, bv):
-    """Initial / final state (or their gradients): [B, Hv, K, V], or [N, Hv, K, V] read whole
-    over N with cu_seqlens (a program picks its sequences' tiles by dynamic index)."""
-    if tabs is None:
-        return pl.BlockSpec((None, None, K, bv), lambda n, h, x: (n, h, 0, x))
-    return pl.BlockSpec((tabs.num_seqs, None, K, bv), lambda n, h, x: (0, h, 0, x))
 
 
 def _is_kda(g):

@@ -92,10 +92,6 @@ def _table_args(tabs, chunk_only=False):
     return [_whole(x) for x in xs], xs
 
 
-def _num_chunks(T, tabs):
-    return pl.cdiv(T, CHUNK) if tabs is None else tabs.num_chunks
-
-
 def _state_spec(tabs, K, bv):
     """Initial / final state (or their gradients): [B, Hv, K, V], or [N, Hv, K, V] read whole
     over N with cu_seqlens (a program picks its sequences' tiles by dynamic index)."""
