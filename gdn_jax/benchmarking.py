@@ -97,6 +97,33 @@ def time_jitted(fn: Callable, *args, reps: int = 5, min_time_s: float = 0.0,
     return Timing(compile_s, 1e3 * float(np.median(times)), 1e3 * float(np.min(times)))
 
 
+def time_decode_loops(jobs, reps: int = 20, min_time_s: float = 0.0,
+                      state_out: int = 1) -> list[Timing]:
+    """Times decode loops side by side: each job is `(fn, args)`, fn jitted with its last
+    argument a donated state; each call gets the state its previous call returned
+    (`fn(...)[state_out]`), as a serving loop does, so every call updates one buffer in place.
+    The jobs' calls alternate (one call of each per round), so load on the machine falls on
+    all of them alike and their ratios are read within one run.
+    """
+    compiled, states, compile_s = [], [], []
+    for fn, args in jobs:
+        t0 = time.perf_counter()
+        compiled.append(fn.lower(*args).compile())
+        compile_s.append(time.perf_counter() - t0)
+        state = block(args[-1] + 0)  # a private copy to donate
+        states.append(block(compiled[-1](*args[:-1], state))[state_out])  # warm-up
+    times = [[] for _ in jobs]
+    start = time.perf_counter()
+    while len(times[0]) < reps or time.perf_counter() - start < min_time_s:
+        for j, (_, args) in enumerate(jobs):
+            t0 = time.perf_counter()
+            out = block(compiled[j](*args[:-1], states[j]))
+            times[j].append(time.perf_counter() - t0)
+            states[j] = out[state_out]
+    return [Timing(c, 1e3 * float(np.median(t)), 1e3 * float(np.min(t)))
+            for c, t in zip(compile_s, times)]
+
+
 def copy_time_ms(nbytes: int, reps: int = 20) -> Timing:
     """Time of `np.copyto` of `nbytes`: one read and one write, the decode floor."""
     src = np.ones(nbytes // 4, np.float32)
