@@ -13,8 +13,10 @@ configuration is a frozen dataclass (hashable, so it can be a `static_argnames` 
 
 One forward function serves prefill, decode and continued prefill: it takes a cache
 (conv state and recurrent state) and returns the new one. `cache=None` means "start from
-zeros", which is exactly a fresh prefill. See docs/layers.md for the API and the
-transformers quirks that are reproduced here.
+zeros", which is exactly a fresh prefill. With a `ServingBatch` the same blocks run one
+serving step: prefill and decode requests packed along the token axis, each reading and
+writing its own slot of a conv-state pool and a recurrent-state pool. See docs/layers.md for
+the API and the transformers quirks that are reproduced here.
 """
 from __future__ import annotations
 
@@ -25,12 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._common import _concrete
+from ._varlen import token_table
 from .api import gated_delta_net
 
 __all__ = [
     "GatedDeltaNetConfig",
     "KimiDeltaAttentionConfig",
     "LinearAttentionCache",
+    "ServingBatch",
     "init_gdn_params",
     "init_kda_params",
     "init_gdn_cache",
@@ -40,6 +45,7 @@ __all__ = [
     "gated_rms_norm",
     "rms_norm",
     "causal_conv1d",
+    "packed_causal_conv1d",
     "softplus",
 ]
 
@@ -155,6 +161,25 @@ class LinearAttentionCache(NamedTuple):
 
     conv_state: jax.Array
     recurrent_state: jax.Array
+
+
+class ServingBatch(NamedTuple):
+    """Where the requests of one serving step lie in the packed tokens and in the pools.
+
+    cu_seqlens: int32 `[N + 1]`, non-decreasing from 0 to at most T: request n is packed
+        tokens `cu_seqlens[n] .. cu_seqlens[n+1] - 1` (a decode request has one token, a
+        prefill or a prefill chunk several, an unused entry none). Tokens from
+        `cu_seqlens[N]` to T are padding.
+    state_indices: int32 `[N]`, the pool slot request n reads and writes (conv state and
+        recurrent state alike); -1 marks a padding request (reads and writes nothing, zero
+        outputs).
+    has_initial_state: bool `[N]` or None (all True): False starts request n from zeros
+        (conv and recurrent state) without reading its slot: a new request in a recycled slot.
+    """
+
+    cu_seqlens: jax.Array
+    state_indices: jax.Array
+    has_initial_state: jax.Array | None = None
 
 
 def _zeros_cache(batch: int, conv_dim: int, width: int, heads: int, k: int, v: int,
@@ -300,6 +325,146 @@ def causal_conv1d(x: jax.Array, weight: jax.Array, conv_state: jax.Array | None 
     return y.astype(x.dtype), new_state
 
 
+def _check_serving_batch(batch, T: int) -> None:
+    """Shapes and dtypes of a ServingBatch at trace time; cu_seqlens' values when concrete."""
+    if not isinstance(batch, ServingBatch):
+        raise TypeError(f"batch must be a layers.ServingBatch, got {type(batch).__name__}")
+    cu, idx, has = batch
+    for name, arr, dtype in (("cu_seqlens", cu, jnp.int32), ("state_indices", idx, jnp.int32),
+                             ("has_initial_state", has, jnp.bool_)):
+        if arr is None and name == "has_initial_state":
+            continue
+        if not hasattr(arr, "dtype") or jnp.dtype(arr.dtype) != jnp.dtype(dtype) or arr.ndim != 1:
+            raise TypeError(f"batch.{name} must be a 1-D {jnp.dtype(dtype)} array, got "
+                            f"{getattr(arr, 'dtype', type(arr).__name__)} of shape "
+                            f"{getattr(arr, 'shape', None)}")
+    N = cu.shape[0] - 1
+    if N < 1:
+        raise ValueError(f"batch.cu_seqlens must have shape [N + 1] with N >= 1, got {cu.shape}")
+    if idx.shape != (N,):
+        raise ValueError(f"batch.state_indices must have shape [N]=[{N}] (cu_seqlens has N + 1 "
+                         f"entries), got {idx.shape}")
+    if has is not None and has.shape != (N,):
+        raise ValueError(f"batch.has_initial_state must have shape [N]=[{N}], got {has.shape}")
+    vals = _concrete(cu)
+    if vals is not None and (vals[0] != 0 or (np.diff(vals) < 0).any() or vals[-1] > T):
+        raise ValueError(f"batch.cu_seqlens must start at 0, not decrease, and end at most at "
+                         f"T={T}, got {vals.tolist()}")
+
+
+def _with_trailing_padding(batch: ServingBatch, T: int) -> ServingBatch:
+    """The batch with one more request, slot -1, holding the padding tokens after
+    cu_seqlens[N] (possibly none): the op's packed sequences then cover all T tokens."""
+    cu, idx, has = batch
+    has = jnp.ones(idx.shape, jnp.bool_) if has is None else has
+    return ServingBatch(jnp.concatenate([cu, jnp.full((1,), T, jnp.int32)]),
+                        jnp.concatenate([idx, jnp.full((1,), -1, jnp.int32)]),
+                        jnp.concatenate([has, jnp.zeros((1,), jnp.bool_)]))
+
+
+def _check_pools(cache, conv_dim: int, width: int, state_shape: tuple) -> None:
+    if not isinstance(cache, LinearAttentionCache):
+        raise TypeError("with batch=, cache must be a LinearAttentionCache of pools (conv_state "
+                        f"[P, conv_dim, kernel], recurrent_state [P, Hv, K, V]), got "
+                        f"{type(cache).__name__}")
+    P = cache.conv_state.shape[0]
+    if tuple(cache.conv_state.shape) != (P, conv_dim, width):
+        raise ValueError(f"cache.conv_state must be a pool [P, conv_dim, kernel]=[P, {conv_dim}, "
+                         f"{width}], got {tuple(cache.conv_state.shape)}")
+    if tuple(cache.recurrent_state.shape) != (P,) + state_shape:
+        raise ValueError(f"cache.recurrent_state must be a pool [P, Hv, K, V]={[P, *state_shape]} "
+                         f"(P={P} from conv_state), got {tuple(cache.recurrent_state.shape)}")
+
+
+def packed_causal_conv1d(x: jax.Array, weight: jax.Array, conv_state: jax.Array,
+                         batch: ServingBatch, activation: str | None = "silu"):
+    """`causal_conv1d` over requests packed along the token axis, each continuing from its
+    own slot of a conv-state pool.
+
+    x: `[1, T, C]` packed tokens; weight: `[C, W]`; conv_state: the pool `[P, C, W]`; batch:
+    a `ServingBatch` whose cu_seqlens end at T (see `_with_trailing_padding`). A token reads
+    only earlier inputs of its own request, then the request's conv state (zeros when
+    `has_initial_state` is False): nothing crosses a request boundary. Each request's new conv
+    state (its last W pre-conv inputs, the old state's columns in front when the request has
+    fewer than W tokens) is written to its slot; padding requests (slot -1) write nothing, and
+    every other slot is left bit-identical. Returns `(y [1, T, C], new pool)`; per request,
+    equal to `causal_conv1d` on that request alone.
+    """
+    _, T, C = x.shape
+    W = weight.shape[-1]
+    P = conv_state.shape[0]
+    cu, idx, has = batch
+    tok = token_table(cu, T)
+    reads = (idx >= 0) if has is None else (idx >= 0) & has
+    slot = jnp.clip(idx, 0, P - 1)
+    prev = jnp.where(reads[:, None, None], jnp.take(conv_state, slot, axis=0),
+                     0).astype(x.dtype)                              # [N, C, W]
+    xs = x[0]
+    taps = []
+    for i in range(W):  # tap i meets the input W-1-i tokens back, as in causal_conv1d
+        back = W - 1 - i
+        d = tok.pos - back                                         # offset inside the request
+        shifted = jnp.concatenate([jnp.zeros((back, C), xs.dtype), xs[:T - back]], axis=0)
+        from_state = prev[tok.seq, :, jnp.clip(W + d, 0, W - 1)]     # [T, C]
+        taps.append(jnp.where((d >= 0)[:, None], shifted, from_state))
+    fw = [t.astype(weight.dtype) for t in taps]
+    y = sum(fw[i] * weight[:, i] for i in range(W))
+    if activation == "silu":
+        y = jax.nn.silu(y)
+    elif activation is not None:
+        raise ValueError(f"activation={activation!r} is not 'silu' or None")
+    # new state column j holds the request's input at offset len - W + j
+    d = (tok.lens[:, None] - W + jnp.arange(W)[None, :])            # [N, W]
+    from_x = xs[jnp.clip(cu[:-1, None] + d, 0, T - 1)]               # [N, W, C]
+    from_prev = jnp.take_along_axis(prev, jnp.clip(W + d, 0, W - 1)[:, None, :], axis=2)
+    new = jnp.where((d >= 0)[:, None, :], jnp.swapaxes(from_x, 1, 2), from_prev)
+    write = jnp.where(idx >= 0, idx, P)
+    pool = conv_state.at[write].set(new.astype(conv_state.dtype), mode="drop")
+    return y.astype(x.dtype)[None], pool
+
+
+def _packed_op(q, k, v, a, b, pool, batch: ServingBatch, A_log, dt_bias, impl, backend):
+    """`_op` over packed requests reading and writing their slots of the state pool."""
+    return gated_delta_net(q, k, v, a, b, initial_state=pool, output_final_state=True,
+                           cu_seqlens=batch.cu_seqlens, state_indices=batch.state_indices,
+                           has_initial_state=batch.has_initial_state,
+                           use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=A_log,
+                           dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True, impl=impl,
+                           backend=backend)
+
+
+def _conv(x, weight, conv_state, batch):
+    if batch is None:
+        return causal_conv1d(x, weight, conv_state)
+    return packed_causal_conv1d(x, weight, conv_state, batch)
+
+
+def _run_op(q, k, v, a, b, state, batch, A_log, dt_bias, impl, backend):
+    if batch is None:
+        return _op(q, k, v, a, b, state, A_log, dt_bias, impl, backend)
+    return _packed_op(q, k, v, a, b, state, batch, A_log, dt_bias, impl, backend)
+
+
+def _zero_padding(y, batch: ServingBatch | None):
+    """y `[1, T, D]` with the tokens of padding requests set to zero (whatever their inputs)."""
+    if batch is None:
+        return y
+    seq = token_table(batch.cu_seqlens, y.shape[1]).seq
+    return jnp.where((batch.state_indices[seq] >= 0)[None, :, None], y, jnp.zeros((), y.dtype))
+
+
+def _serving_inputs(x, cache, batch, attention_mask, conv_dim, width, state_shape):
+    """Checks a serving call and returns its batch with the trailing padding request."""
+    if attention_mask is not None:
+        raise ValueError("attention_mask is not used with batch=: padding tokens are those "
+                         "after batch.cu_seqlens[N] or in requests with slot -1")
+    if x.ndim != 3 or x.shape[0] != 1:
+        raise ValueError(f"with batch=, x must be packed tokens [1, T, hidden], got {x.shape}")
+    _check_serving_batch(batch, x.shape[1])
+    _check_pools(cache, conv_dim, width, state_shape)
+    return _with_trailing_padding(batch, x.shape[1])
+
+
 def _op(q, k, v, a, b, initial_state, A_log, dt_bias, impl, backend):
     """The gated delta net with l2norm, the gate `-exp(A_log) * softplus(a + dt_bias)` and
     `beta = sigmoid(b)` computed in the op, and the default scale; returns (o, final_state)."""
@@ -321,16 +486,25 @@ def _mask_padding(x, attention_mask):
 
 def gdn_block(params: dict, x: jax.Array, cache: LinearAttentionCache | None = None, *,
               config: GatedDeltaNetConfig, attention_mask: jax.Array | None = None,
-              impl: str = "auto", backend: str = "auto"):
+              impl: str = "auto", backend: str = "auto", batch: ServingBatch | None = None):
     """The Qwen3-Next / Qwen3.5 GatedDeltaNet block.
 
     x: `[B, T, hidden]`; cache: a `LinearAttentionCache` or None (fresh sequence).
     Prefill (cache None), decode (T = 1) and continued prefill (T > 1 with a cache) are one
     code path. attention_mask `[B, T]` (1 keep, 0 pad) zeroes padded inputs, as transformers
     does. Returns `(y [B, T, hidden], new_cache)`.
+
+    Serving step: with `batch` (a `ServingBatch`), x is `[1, T, hidden]` holding the packed
+    tokens of N requests and cache holds pools (`init_gdn_cache(config, P)`); each request
+    reads and writes its own slot, padding tokens get zero outputs, and the updated pools are
+    returned. Per request, the result equals a call on that request alone with its slots as
+    the cache.
     """
     c = config
     B, T, _ = x.shape
+    if batch is not None:
+        batch = _serving_inputs(x, cache, batch, attention_mask, c.conv_dim, c.conv_kernel_size,
+                                (c.num_v_heads, c.head_k_dim, c.head_v_dim))
     x = _mask_padding(x, attention_mask)
     if cache is None:
         cache = init_gdn_cache(c, B, x.dtype)
@@ -338,43 +512,46 @@ def gdn_block(params: dict, x: jax.Array, cache: LinearAttentionCache | None = N
     z = (x @ params["in_proj_z"]).reshape(B, T, c.num_v_heads, c.head_v_dim)
     b = x @ params["in_proj_b"]
     a = x @ params["in_proj_a"]
-    mixed, conv_state = causal_conv1d(mixed, params["conv1d"], cache.conv_state)
+    mixed, conv_state = _conv(mixed, params["conv1d"], cache.conv_state, batch)
     q, k, v = jnp.split(mixed, [c.key_dim, 2 * c.key_dim], axis=-1)
     q = q.reshape(B, T, c.num_k_heads, c.head_k_dim)
     k = k.reshape(B, T, c.num_k_heads, c.head_k_dim)
     v = v.reshape(B, T, c.num_v_heads, c.head_v_dim)
-    o, state = _op(q, k, v, a, b, cache.recurrent_state.astype(jnp.float32), params["A_log"],
-                   params["dt_bias"], impl, backend)
+    o, state = _run_op(q, k, v, a, b, cache.recurrent_state.astype(jnp.float32), batch,
+                       params["A_log"], params["dt_bias"], impl, backend)
     o = gated_rms_norm(o, z, params["norm"], c.rms_norm_eps, "silu")
     y = o.reshape(B, T, c.value_dim) @ params["out_proj"]
-    return y, LinearAttentionCache(conv_state, state)
+    return _zero_padding(y, batch), LinearAttentionCache(conv_state, state)
 
 
 def kda_block(params: dict, x: jax.Array, cache: LinearAttentionCache | None = None, *,
               config: KimiDeltaAttentionConfig, attention_mask: jax.Array | None = None,
-              impl: str = "auto", backend: str = "auto"):
+              impl: str = "auto", backend: str = "auto", batch: ServingBatch | None = None):
     """The Kimi Linear Kimi-Delta-Attention block (`KimiLinearDeltaAttention`).
 
-    Same calling convention as `gdn_block`. The gate is per key channel:
-    `g = -exp(A_log[h]) * softplus(f_b(f_a(x)) + dt_bias)` of shape `[B, T, H, K]`; the
-    output norm is gated by `sigmoid(g_b(g_a(x)))` (not SiLU).
+    Same calling convention as `gdn_block`, the serving step (`batch`) included. The gate is
+    per key channel: `g = -exp(A_log[h]) * softplus(f_b(f_a(x)) + dt_bias)` of shape
+    `[B, T, H, K]`; the output norm is gated by `sigmoid(g_b(g_a(x)))` (not SiLU).
     """
     c = config
     B, T, _ = x.shape
     H, K = c.num_heads, c.head_dim
+    if batch is not None:
+        batch = _serving_inputs(x, cache, batch, attention_mask, c.conv_dim, c.conv_kernel_size,
+                                (H, K, K))
     x = _mask_padding(x, attention_mask)
     if cache is None:
         cache = init_kda_cache(c, B, x.dtype)
     mixed = jnp.concatenate([x @ params["q_proj"], x @ params["k_proj"], x @ params["v_proj"]], -1)
-    mixed, conv_state = causal_conv1d(mixed, params["conv1d"], cache.conv_state)
+    mixed, conv_state = _conv(mixed, params["conv1d"], cache.conv_state, batch)
     q, k, v = (t.reshape(B, T, H, K) for t in jnp.split(mixed, 3, axis=-1))
     f = ((x @ params["f_a_proj"]) @ params["f_b_proj"]).reshape(B, T, H, K)  # the raw gate a
-    o, state = _op(q, k, v, f, x @ params["b_proj"], cache.recurrent_state.astype(jnp.float32),
-                   params["A_log"], params["dt_bias"], impl, backend)
+    o, state = _run_op(q, k, v, f, x @ params["b_proj"], cache.recurrent_state.astype(jnp.float32),
+                       batch, params["A_log"], params["dt_bias"], impl, backend)
     gate = ((x @ params["g_a_proj"]) @ params["g_b_proj"]).reshape(B, T, H, K)
     o = gated_rms_norm(o, gate, params["o_norm"], c.rms_norm_eps, "sigmoid")
     y = o.reshape(B, T, c.qkv_dim) @ params["o_proj"]
-    return y, LinearAttentionCache(conv_state, state)
+    return _zero_padding(y, batch), LinearAttentionCache(conv_state, state)
 
 
 def param_count(params) -> int:
