@@ -10,6 +10,10 @@ Everything is plain JAX: parameters are nested dicts, the optimiser is a hand-wr
 * `train_step`: one Adam step; gradients flow through `gdn_jax.gated_delta_net` (its custom VJP).
 * `generate`: greedy decoding, a prefill and then a `lax.scan` of one-token decode steps that
   go through the caches.
+* `forward_packed(params, tokens, pools, batch, positions, config=...)`: one step of a serving
+  engine: the packed tokens of several requests (prefills and decodes, `layers.ServingBatch`),
+  each reading and writing its own slot of per-layer state pools (`init_pools`): the GDN blocks'
+  conv and recurrent states, attention's KV cache. `examples/serve.py` drives it.
 
 Run `python examples/hybrid_model.py` to train on a toy "continue the repeating pattern"
 task for a few hundred steps and decode a few prompts (`--steps`, `--small` to shrink,
@@ -123,6 +127,13 @@ def init_cache(cfg: HybridConfig, batch: int, max_len: int) -> HybridCache:
     return HybridCache(tuple(caches), jnp.zeros((), jnp.int32))
 
 
+def init_pools(cfg: HybridConfig, num_slots: int, max_len: int) -> tuple:
+    """Per-layer state pools of `num_slots` request slots (for `serve_step`): a
+    `layers.LinearAttentionCache` of pools for each GDN/KDA layer, a `KVCache` `[P, max_len, H, D]`
+    for each attention layer."""
+    return init_cache(cfg, num_slots, max_len).layers
+
+
 # --------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------
@@ -188,6 +199,68 @@ def forward(params, tokens, cache: HybridCache | None = None, *, config: HybridC
     if cache is None:
         return logits, None
     return logits, HybridCache(tuple(new), pos + tokens.shape[1])
+
+
+def _packed_token_table(batch: layers.ServingBatch, positions, T: int):
+    """Per packed token: its request's slot (the pool size P past cu_seqlens[N] and for padding
+    requests, so writes there are dropped) and its position in the request's sequence."""
+    cu, slots = batch.cu_seqlens, batch.state_indices
+    t = jnp.arange(T, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(cu, t, side="right") - 1, 0, slots.shape[0] - 1)
+    valid = (t < cu[-1]) & (slots[seq] >= 0)
+    return valid, slots[seq], positions[seq] + t - cu[seq]
+
+
+def _packed_attention(p, x, pool: KVCache, batch, positions, cfg: HybridConfig):
+    """Causal attention over packed requests, each over its own KV-cache slot: the new keys and
+    values go to (slot, position), then each token attends to its slot's positions <= its own."""
+    _, T, _ = x.shape
+    H, Dh = cfg.attn_heads, cfg.attn_head_dim
+    P = pool.k.shape[0]
+    valid, slot, pos = _packed_token_table(batch, positions, T)
+    q = _rope((x @ p["q"]).reshape(1, T, H, Dh), pos, cfg.rope_theta)[0]
+    k = _rope((x @ p["k"]).reshape(1, T, H, Dh), pos, cfg.rope_theta)[0]
+    v = (x @ p["v"]).reshape(T, H, Dh)
+    write = jnp.where(valid, slot, P)
+    pool = KVCache(pool.k.at[write, pos].set(k, mode="drop"),
+                   pool.v.at[write, pos].set(v, mode="drop"))
+    read = jnp.clip(slot, 0, P - 1)
+    keys, vals = pool.k[read], pool.v[read]                        # [T, max_len, H, Dh]
+    s = jnp.einsum("thd,tshd->hts", q, keys) * Dh ** -0.5
+    mask = jnp.arange(keys.shape[1])[None, :] <= pos[:, None]       # [T, max_len]
+    s = jnp.where(mask[None], s, -1e30)
+    o = jnp.einsum("hts,tshd->thd", jax.nn.softmax(s, axis=-1), vals)
+    o = jnp.where(valid[:, None, None], o, 0.0)
+    return (o.reshape(1, T, H * Dh) @ p["o"]), pool
+
+
+def forward_packed(params, tokens, pools: tuple, batch: layers.ServingBatch, positions, *,
+                   config: HybridConfig):
+    """One serving step. tokens `[1, T]`: the packed tokens of N requests laid out by `batch`
+    (tokens after `batch.cu_seqlens[N]` are padding); pools: from `init_pools`; positions
+    int32 `[N]`: tokens each request already has in its slot (0 for a new one, whose
+    `has_initial_state` is False). Returns (logits `[1, T, vocab]`, new pools); per request
+    equal to `forward` on that request alone with its own cache."""
+    cfg = config
+    x = params["embed"][tokens]
+    new = []
+    for kind, blk, pool in zip(cfg.layer_types, params["blocks"], pools):
+        h = layers.rms_norm(x, blk["norm1"], cfg.rms_norm_eps)
+        if kind == "gdn":
+            h, pool = layers.gdn_block(blk["mixer"], h, pool, config=cfg.gdn, impl=cfg.impl,
+                                       backend=cfg.backend, batch=batch)
+        elif kind == "kda":
+            h, pool = layers.kda_block(blk["mixer"], h, pool, config=cfg.kda, impl=cfg.impl,
+                                       backend=cfg.backend, batch=batch)
+        else:
+            h, pool = _packed_attention(blk["mixer"], h, pool, batch, positions, cfg)
+        new.append(pool)
+        x = x + h
+        h = layers.rms_norm(x, blk["norm2"], cfg.rms_norm_eps)
+        m = blk["mlp"]
+        x = x + (jax.nn.silu(h @ m["gate"]) * (h @ m["up"])) @ m["down"]
+    x = layers.rms_norm(x, params["norm"], cfg.rms_norm_eps)
+    return x @ params["embed"].T, tuple(new)
 
 
 def loss_fn(params, tokens, *, config: HybridConfig):

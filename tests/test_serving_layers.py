@@ -172,4 +172,4 @@ def test_serve_example_runs_and_checks_itself():
     report = serve.main(["--small"])
     assert report["finished"] == report["requests"] >= 4
     assert report["slot_reuses"] >= 1 and report["compiles"] == 1
-    assert report["max_rel_err"] <= 1e-4
+    assert report["max_rel_err"] <= 1e-3
