@@ -94,8 +94,7 @@ def test_auto_impl_and_a_second_step_from_the_updated_pools():
     """impl="auto" on both sides (the packed call and the per-request calls may pick different
     paths, so 1e-5), and decode steps that continue from the pools the first step wrote."""
     _, block, params, pools, x = _setup("gdn", seed=1)
-    step = jax.jit(block)
-    block = step
+    step = block = jax.jit(block)  # the per-request calls jitted too (one program per length)
     y, new = step(params, x, pools, batch=_batch())
     live = [(1, s, True) for _, s, _ in REQUESTS if s >= 0] + [(0, -1, True)]
     x2 = jax.random.normal(jax.random.key(5), (1, len(live) + 3, GDN_CFG.hidden_size))
