@@ -9,6 +9,8 @@ Sections:
            against the fixed `lax.scan` yardstick (gdn_jax.benchmarking.yardstick_scan); compile times.
   decode   B=32, Hk=16, Hv=32, K=V=128, T=1, state donated: one jitted step against `np.copyto` of the
            64 MiB state (the floor: the state must be read and written once).
+  pools    decode into a state pool stored as float32 and as bfloat16 at B = 1, 32, 256: time
+           against the bytes of the states touched, bf16 / f32 ratio.
   sweep    time against T (B=1, Hv=32, K=V=128) for reference, recurrent and chunked: the break-even
            T that `impl="auto"` uses; saves a PNG plot when matplotlib is installed.
   packed   16 sequences of mixed lengths (8192 tokens) packed with cu_seqlens against the same
@@ -115,6 +117,39 @@ def decode(reps: int, modes=("GDA", "KDA")):
           f"{copy.median_ms:.2f} ms, best {copy.min_ms:.2f} ms")
     print(table(rows, ["mode", "path", "layout", "median ms", "best ms", "median / copy",
                        "best / best copy", "vk / kv (median)"]))
+
+
+def pools(reps: int, batches=(1, 32, 256)):
+    """Decode into a state pool (2B slots, B read and written per step) stored as float32 and
+    as bfloat16: time against the bytes of the states the step touches."""
+    rows = []
+    with Progress(2 * len(batches)) as p:
+        for B in batches:
+            for kda in (False, True):
+                shape = Shape(B, 1, 16, 32, 128, 128, kda)
+                a, h = make_inputs(shape)
+                P = 2 * B
+                pool = jnp.concatenate([h, h[::-1]], axis=0)
+                idx = jnp.asarray(np.random.default_rng(0).permutation(P)[:B], jnp.int32)
+
+                def op(q, k, v, g, beta, pool):
+                    return gated_delta_net(q, k, v, g, beta, initial_state=pool,
+                                           state_indices=idx, output_final_state=True,
+                                           use_qk_l2norm_in_kernel=True, impl="recurrent",
+                                           backend="xla")
+                fn = jax.jit(op, donate_argnums=(5,))
+                jobs = [(fn, (*a, pool.astype(dt))) for dt in (jnp.float32, jnp.bfloat16)]
+                f32, b16 = time_decode_loops(jobs, reps=reps, min_time_s=1.0)
+                for name, t, nbytes in (("float32", f32, 4), ("bfloat16", b16, 2)):
+                    mib = h.size * nbytes / 2**20  # the B states read and written per step
+                    rows.append(["KDA" if kda else "GDA", B, name, f"{mib:.0f}", t.median_ms,
+                                 t.min_ms, f"{2 * mib / 1024 / (t.median_ms / 1e3):.1f}",
+                                 f"{t.median_ms / f32.median_ms:.2f}x"])
+                p.step(f"B={B} {'KDA' if kda else 'GDA'}")
+    print("\nDecode into a state pool (XLA recurrent, T=1, Hk=16, Hv=32, K=V=128, 2B slots, B "
+          "read and written, pool donated); GB/s counts one read and one write of the B states")
+    print(table(rows, ["mode", "B", "pool dtype", "states MiB", "median ms", "best ms",
+                       "GB/s (median)", "vs float32 (median)"]))
 
 
 def sweep(reps: int, quick: bool, plot: str | None):
@@ -258,8 +293,9 @@ def packed(reps: int, modes=("GDA", "KDA")):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", nargs="+", default=["prefill", "decode", "sweep", "packed", "pallas"],
-                    choices=["prefill", "decode", "sweep", "packed", "pallas"])
+    ap.add_argument("--sections", nargs="+", default=["prefill", "decode", "pools", "sweep", "packed",
+                                                       "pallas"],
+                    choices=["prefill", "decode", "pools", "sweep", "packed", "pallas"])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and a shorter sweep")
     ap.add_argument("--modes", nargs="+", default=["GDA", "KDA"], choices=["GDA", "KDA"],
                     help="gate modes for the prefill and decode sections")
@@ -272,6 +308,8 @@ def main(argv=None):
             prefill(reps, args.modes)
         elif section == "decode":
             decode(reps, args.modes)
+        elif section == "pools":
+            pools(reps)
         elif section == "sweep":
             sweep(reps, args.quick, args.plot or None)
         elif section == "packed":

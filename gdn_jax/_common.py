@@ -19,6 +19,8 @@ IMPLS = ("auto", "reference", "recurrent", "chunked")
 STATE_LAYOUTS = ("kv", "vk")
 BACKENDS = ("auto", "xla", "pallas", "pallas_triton", "pallas_mosaic_tpu")
 INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# A state (or pool) is stored in one of these; the maths is float32 on every path.
+STATE_DTYPES = INPUT_DTYPES
 
 # exp() of anything below this underflows to 0 in float32; clamping keeps every
 # gate finite (docs/spec.md section 1) without changing any result.
@@ -193,7 +195,7 @@ def check_inputs(q, k, v, g, beta, initial_state=None, *, scale=None, impl="auto
     if initial_state is not None:
         if not hasattr(initial_state, "shape"):
             raise TypeError(f"initial_state must be an array or None, got {type(initial_state).__name__}")
-        _check_float("initial_state", initial_state, (jnp.dtype(jnp.float32),))
+        _check_float("initial_state", initial_state, STATE_DTYPES)
         pool = state_indices is not None
         lead = initial_state.shape[0] if (pool and initial_state.ndim == 4) else N
         want = (lead, Hv, K, V) if state_layout == "kv" else (lead, Hv, V, K)

@@ -234,8 +234,20 @@ def _xla_fn(cfg: _Config, impl: str):
 
     pooled = _pooled(cfg, per_sequence)
 
+    def in_place_pool(q, k, v, g, beta, pool, idx):
+        """The XLA recurrent path reads and writes the pool's slots itself (no gather or
+        scatter of whole states, which XLA CPU runs serially)."""
+        res = path(q, k, v, g, beta, pool, slots=tuple(idx))
+        snaps = None
+        if cfg.num_snapshots:
+            snaps = jnp.where((idx.read >= 0)[:, None, None, None, None], res[2], 0.0)
+        return _zero_padding_tokens(res[0], idx, None), res[1], snaps
+
     def fn(q, k, v, g, beta, h0, cu, idx):
-        o, ht, snaps = pooled(q, k, v, g, beta, h0, cu, idx)
+        if cfg.pool and impl == "recurrent" and cu is None:
+            o, ht, snaps = in_place_pool(q, k, v, g, beta, h0, idx)
+        else:
+            o, ht, snaps = pooled(q, k, v, g, beta, h0, cu, idx)
         return o, (ht if cfg.output_final_state else None), snaps
 
     return fn
@@ -393,8 +405,10 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
         per key channel); float32 or q's dtype. Applied as `exp(g)`, normally `g <= 0`.
       beta: `[B, T, Hv]`, float32 or q's dtype, used as given.
       scale: query scale, default `K ** -0.5`.
-      initial_state: `[N, Hv, K, V]` float32 (N = B, or the number of packed sequences), or
-        None for zeros; with `state_indices`, the state pool `[P, Hv, K, V]`.
+      initial_state: `[N, Hv, K, V]` (N = B, or the number of packed sequences), or None for
+        zeros; with `state_indices`, the state pool `[P, Hv, K, V]`. float32, bfloat16 or
+        float16: the maths is float32 on every path; the final state, snapshots and the
+        updated pool are stored in this dtype (round to nearest). docs/spec.md 2.7.
       output_final_state: return the state after the last token (else None).
       use_qk_l2norm_in_kernel: l2-normalise q and k over K first (float32, eps 1e-6).
       cu_seqlens: int32 `[N + 1]` offsets of N sequences packed along T (B must be 1): each
@@ -445,7 +459,8 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
 
     Returns:
       `(o, final_state)`, or `(o, final_state, snapshots)` when `num_snapshots > 0`: o
-      `[B, T, Hv, V]` in q's dtype; final_state float32 in `state_layout` (the pool with
+      `[B, T, Hv, V]` in q's dtype; final_state in initial_state's dtype (float32 without one)
+      and `state_layout` (the pool with
       `state_indices`), or None when `output_final_state` is False.
 
     Under `jit` with traced `cu_seqlens` or `state_indices`, their values cannot be checked:

@@ -99,8 +99,9 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     """Chunk-parallel gated delta rule; GDA or KDA by the shape of g.
 
     q, k: [B, T, Hk, K]; v: [B, T, Hv, V]; g: [B, T, Hv] (GDA) or [B, T, Hv, K] (KDA);
-    beta: [B, T, Hv]; initial_state: [B, Hv, K, V] float32. Returns (o [B, T, Hv, V] in
-    q.dtype, final_state [B, Hv, K, V] float32). All math in float32. Differentiable by
+    beta: [B, T, Hv]; initial_state: [B, Hv, K, V] float32, bfloat16 or float16. Returns
+    (o [B, T, Hv, V] in q.dtype, final_state [B, Hv, K, V] in initial_state's dtype). All math
+    in float32. Differentiable by
     autodiff; the scan body is rematerialised, so the backward stores one state per chunk.
     chunk_size must be a multiple of 16; short sequences use a smaller chunk (T rounded up
     to 16). A ragged T is padded at the FRONT with g = beta = q = k = v = 0.
@@ -215,11 +216,11 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     if layout is None:
         S, o = jax.lax.scan(jax.checkpoint(step), h0_all, jnp.arange(NC))  # o: [NC, B, C, Hv, V]
         o = jnp.moveaxis(o, 0, 1).reshape(B, Tp, Hv, V)[:, pad:]
-        return o.astype(out_dtype), S.reshape((B, Hv) + s_shape)
+        return o.astype(out_dtype), S.reshape((B, Hv) + s_shape).astype(initial_state.dtype)
     S_in = jnp.zeros((1, Hk, G) + s_shape, jnp.float32)
     _, (o, states) = jax.lax.scan(jax.checkpoint(step), S_in, jnp.arange(NC))
     o = from_aligned(jnp.moveaxis(o, 0, 1).reshape(1, Tp, Hv, V), layout)
     # each sequence's final state: the state after its last chunk (its initial one if empty)
     ends = jnp.take(states, jnp.maximum(layout.last_chunk, 0), axis=0)
     final = jnp.where((layout.last_chunk >= 0)[:, None, None, None, None], ends, h0_all)
-    return o.astype(out_dtype), final.reshape((N, Hv) + s_shape)
+    return o.astype(out_dtype), final.reshape((N, Hv) + s_shape).astype(initial_state.dtype)

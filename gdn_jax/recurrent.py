@@ -93,20 +93,44 @@ def _step(S, q_t, k_t, v_t, g_t, b_t, *, scale: float, kda: bool, vk: bool = Fal
     return S, o_t
 
 
+def _bf16_bits(x):
+    """float32 -> the uint16 bits of bfloat16, round to nearest even (`x.astype(bfloat16)`
+    bit for bit, NaN stays NaN) in integer ops: XLA CPU's own convert calls a library routine
+    per element on CPUs without bfloat16 instructions, which made a bf16 decode step slower
+    than a float32 one."""
+    u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    r = (u + jnp.uint32(0x7FFF) + ((u >> 16) & jnp.uint32(1))) >> 16
+    r = jnp.where(jnp.isnan(x), (u >> 16) | jnp.uint32(0x0040), r)  # quiet NaN, sign kept
+    return r.astype(jnp.uint16)
+
+
+def _bf16_widen(b):
+    """The uint16 bits of bfloat16 -> float32 (exact)."""
+    return jax.lax.bitcast_convert_type(b.astype(jnp.uint32) << 16, jnp.float32)
+
+
 def _head_block(num_heads: int, head_bytes: int) -> int:
     """The largest divisor of num_heads whose heads fit in BLOCK_BYTES (at least 1)."""
     fit = max(1, BLOCK_BYTES // head_bytes)
     return max(c for c in range(1, min(fit, num_heads) + 1) if num_heads % c == 0)
 
 
-def _run_head_blocks(step, S, xs, num_snapshots: int = 0):
+def _run_head_blocks(step, S, xs, num_snapshots: int = 0, slots=None):
     """`run_tokens` for B sequences (not packed), one block of value heads at a time.
 
     The state `[B, Hv, ..]` is viewed as B*Hv single-head sequences (a free reshape); q and k
     are repeated to the value heads (tokens-sized, small next to the state). A `fori_loop`
     slices one block of heads, runs all its tokens (`run_tokens`, snapshots included), and
     writes it back in place (`dynamic_update_slice` on the loop carry, so a donated state is
-    updated in place). Returns (o, final state, snapshots or None) as run_tokens does.
+    updated in place). The carry keeps S's dtype (a 16-bit state is widened to float32 one
+    block at a time). Returns (o, final state, snapshots or None) as run_tokens does, the
+    states in S's dtype.
+
+    slots = (read, write, has): S is then a pool `[P, Hv, ..]` and sequence n's blocks are read
+    from slot read[n] (zeros for -1 or has[n] False) and written to slot write[n] (read[n] when
+    write is None; nothing for -1 or a padding sequence: the slot's own bits are written back).
+    Blocks stay inside one sequence (the block size divides Hv) and sequences run in order,
+    so no gather or scatter of whole states is built (XLA CPU runs those serially).
     """
     q, k, v, g, beta = xs
     B, T, Hk = q.shape[:3]
@@ -114,6 +138,7 @@ def _run_head_blocks(step, S, xs, num_snapshots: int = 0):
     N = B * Hv
     G = Hv // Hk
     ns = int(num_snapshots)
+    tail = S.shape[2:]
 
     def per_head(x, repeat=False):  # [B, T, H, ..] -> [N, T, ..]
         if repeat:
@@ -124,39 +149,95 @@ def _run_head_blocks(step, S, xs, num_snapshots: int = 0):
     # no unit head axis on the loop carries: XLA gives such an axis its own layout and then
     # copies the whole state into and out of the loop
     flat = (per_head(q, True), per_head(k, True), per_head(v), per_head(g), per_head(beta))
-    Sf = S.reshape((N,) + S.shape[2:])
-    c = _head_block(N, math.prod(S.shape[2:]) * 4)
+    head_bytes = math.prod(tail) * 4
+    # A 16-bit state rides the loop as its bits (uint16): XLA CPU widens bfloat16 / float16
+    # selects and dynamic-update-slices to float32 over the whole operand, a full convert of
+    # the state per block; on integers they stay in place.
+    sd = S.dtype
+    bits = jnp.uint16 if jnp.dtype(sd) == jnp.dtype(jnp.bfloat16) else None
+    if bits is not None:
+        S = jax.lax.bitcast_convert_type(S, bits)
+
+    bf16 = jnp.dtype(sd) == jnp.dtype(jnp.bfloat16)
+
+    def widen(x):  # stored block -> float32
+        if bf16:
+            return _bf16_widen(x)
+        return (x if bits is None else jax.lax.bitcast_convert_type(x, sd)).astype(jnp.float32)
+
+    def narrow(x):  # float32 block -> stored (round to nearest)
+        if bf16:
+            return _bf16_bits(x)
+        x = x.astype(sd)
+        return x if bits is None else jax.lax.bitcast_convert_type(x, bits)
+
+    if slots is None:
+        Sf = S.reshape((N,) + tail)
+        c = _head_block(N, head_bytes)
+    else:
+        Sf = S
+        c = _head_block(Hv, head_bytes)
+        read, write, has = slots
+        P = S.shape[0]
+        use = read >= 0 if has is None else (read >= 0) & has
+        dst = read if write is None else write
+        wvalid = (read >= 0) & (dst >= 0) & (dst < P)
+        read, dst = jnp.clip(read, 0, P - 1), jnp.clip(dst, 0, P - 1)
+    per_seq = Hv // c
+
+    def load(Sf, i):
+        if slots is None:
+            return jax.lax.dynamic_slice_in_dim(Sf, i * c, c, 0)
+        n, h = i // per_seq, (i % per_seq) * c
+        blk = jax.lax.dynamic_slice(Sf, (read[n], h) + (0,) * len(tail), (1, c) + tail)[0]
+        return jnp.where(use[n], blk, jnp.zeros((), blk.dtype))
+
+    def store(Sf, i, new):
+        if slots is None:
+            return jax.lax.dynamic_update_slice_in_dim(Sf, new, i * c, 0)
+        n, h = i // per_seq, (i % per_seq) * c
+        at = (dst[n], h) + (0,) * len(tail)
+        old = jax.lax.dynamic_slice(Sf, at, (1, c) + tail)[0]
+        return jax.lax.dynamic_update_slice(Sf, jnp.where(wvalid[n], new, old)[None], at)
 
     def block(i, carry):
         Sf, o, snaps = carry
         xb = tuple(jax.lax.dynamic_slice_in_dim(x, i * c, c, 0)[:, :, None] for x in flat)
-        Sb = jax.lax.dynamic_slice_in_dim(Sf, i * c, c, 0)[:, None]
+        Sb = widen(load(Sf, i)[:, None])
         ob, Sb, sb = run_tokens(lambda S_, x_t: step(S_, x_t, cached=True), Sb, xb,
                                 num_snapshots=ns)
-        Sf = jax.lax.dynamic_update_slice_in_dim(Sf, Sb[:, 0], i * c, 0)
+        Sf = store(Sf, i, narrow(Sb[:, 0]))
         o = jax.lax.dynamic_update_slice_in_dim(o, ob[:, :, 0], i * c, 0)
         if ns:
-            snaps = jax.lax.dynamic_update_slice_in_dim(snaps, sb[:, :, 0], i * c, 0)
+            snaps = jax.lax.dynamic_update_slice_in_dim(snaps, narrow(sb[:, :, 0]), i * c, 0)
         return Sf, o, snaps
 
     o0 = jnp.zeros((N, T, v.shape[-1]), jnp.float32)
-    snaps0 = jnp.zeros((N, ns) + S.shape[2:], jnp.float32) if ns else None
+    snaps0 = jnp.zeros((N, ns) + tail, S.dtype) if ns else None
     Sf, o, snaps = jax.lax.fori_loop(0, N // c, block, (Sf, o0, snaps0))
     o = jnp.moveaxis(o.reshape(B, Hv, T, -1), 1, 2)
+    Sf = Sf.reshape(S.shape)
     if ns:
-        snaps = jnp.moveaxis(snaps.reshape((B, Hv, ns) + S.shape[2:]), 2, 1)
-    return o, Sf.reshape(S.shape), snaps
+        snaps = jnp.moveaxis(snaps.reshape((B, Hv, ns) + tail), 2, 1)
+    if bits is not None:
+        Sf = jax.lax.bitcast_convert_type(Sf, sd)
+        snaps = None if snaps is None else jax.lax.bitcast_convert_type(snaps, sd)
+    return o, Sf, snaps
 
 
 def recurrent_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
                               use_qk_l2norm: bool = False, cu_seqlens=None,
                               num_snapshots: int = 0, state_layout: str = "kv",
-                              dot_precision=HIGHEST):
+                              dot_precision=HIGHEST, slots=None):
     """Token-by-token recurrence with one read and one write of the state per token.
 
     Same arguments and results as `reference_gated_delta_net` (packed sequences and
     snapshots included); with `state_layout="vk"` the initial state, final state and
     snapshots are `[.., Hv, V, K]` and the state is used in that layout, never transposed.
+    The state may be float32, bfloat16 or float16: the maths is float32, the final state and
+    snapshots are stored in the initial state's dtype (round to nearest).
+    slots = (read, write, has) (B sequences, not packed): initial_state is a pool `[P, ..]`,
+    read and written in place per sequence (`_run_head_blocks`); returns the pool.
     A donated state (`jax.jit(..., donate_argnums=...)`) is updated in place: a small state by
     one step per token (no loop for T = 1), a state over `BLOCK_BYTES` (not packed) one
     cache-sized block of heads at a time.
@@ -169,14 +250,21 @@ def recurrent_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
         return _step(S, *xs, scale=scale, kda=kda, vk=state_layout == "vk",
                      precision=dot_precision, cached=cached)
 
-    S0 = initial_state.astype(jnp.float32)
     xs = (q, k, v, g, beta)
-    head_bytes = math.prod(S0.shape[2:]) * 4
-    if (cu_seqlens is None and q.shape[1] > 0
-            and _head_block(S0.shape[0] * S0.shape[1], head_bytes) < S0.shape[0] * S0.shape[1]):
-        o, S, snaps = _run_head_blocks(step, S0, xs, num_snapshots)
+    sd = initial_state.dtype
+    num_heads = initial_state.shape[0] * initial_state.shape[1]
+    head_bytes = math.prod(initial_state.shape[2:]) * 4
+    if slots is not None:
+        if cu_seqlens is not None:
+            raise ValueError("slots: a state pool here takes B sequences, not cu_seqlens")
+        o, S, snaps = _run_head_blocks(step, initial_state, xs, num_snapshots, slots)
+    elif (cu_seqlens is None and q.shape[1] > 0
+            and _head_block(num_heads, head_bytes) < num_heads):
+        o, S, snaps = _run_head_blocks(step, initial_state, xs, num_snapshots)
     else:
-        o, S, snaps = run_tokens(step, S0, xs, cu_seqlens=cu_seqlens,
-                                 num_snapshots=num_snapshots)
+        o, S, snaps = run_tokens(step, initial_state.astype(jnp.float32), xs,
+                                 cu_seqlens=cu_seqlens, num_snapshots=num_snapshots)
+        S = S.astype(sd)
+        snaps = None if snaps is None else snaps.astype(sd)
     o = o.astype(out_dtype)
     return (o, S) if not num_snapshots else (o, S, snaps)

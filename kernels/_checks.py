@@ -58,7 +58,11 @@ def check_cu_seqlens(cu_seqlens, B: int, *, int32_only: bool):
     return None
 
 
+STATE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
 def check_state_dtype(initial_state):
-    if jnp.dtype(initial_state.dtype) != jnp.dtype(jnp.float32):
-        return f"initial_state must be float32, got {initial_state.dtype}"
+    """A state is stored as float32, bfloat16 or float16 (the kernels compute in float32)."""
+    if jnp.dtype(initial_state.dtype) not in STATE_DTYPES:
+        return f"initial_state must be float32, bfloat16 or float16, got {initial_state.dtype}"
     return None

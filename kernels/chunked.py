@@ -78,8 +78,9 @@ def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv", 
 def chunked_forward(q, k, v, g, beta, initial_state=None, *, scale: float,
                     use_qk_l2norm: bool = False, output_final_state: bool = True,
                     interpret: bool = False, cu_seqlens=None):
-    """Chunked forward. Returns (o [B, T, Hv, V] in q.dtype, final_state [N, Hv, K, V] float32
-    or None), N = B.
+    """Chunked forward. Returns (o [B, T, Hv, V] in q.dtype, final_state [N, Hv, K, V] or
+    None), N = B. A 16-bit initial state is widened to float32 before the kernels (it is read
+    once per call, small next to a prefill's tokens) and the final state stored in its dtype.
 
     cu_seqlens (int32 [N + 1], may be traced; B == 1): N packed sequences, each from its own
     initial state (initial_state [N, Hv, K, V] or None: zeros); final_state [N, Hv, K, V], a
@@ -91,6 +92,9 @@ def chunked_forward(q, k, v, g, beta, initial_state=None, *, scale: float,
     tabs = _varlen_tables(q, cu_seqlens)
     Hv = v.shape[2]
     lp = _lp_dtype(q.dtype)
+    state_dtype = F32 if initial_state is None else initial_state.dtype
+    if initial_state is not None:
+        initial_state = initial_state.astype(F32)
     q, k, v, g, beta, initial_state = _platform.guard(
         q, k, v, g, beta, initial_state, what="chunked kernels", interpret=interpret)
     W, U, *P = _prep_call(k, v, g, beta, Hv=Hv, l2=use_qk_l2norm, lp=lp, interpret=interpret,
@@ -98,7 +102,7 @@ def chunked_forward(q, k, v, g, beta, initial_state=None, *, scale: float,
     outs = _state_call(q, k, g, W, U, initial_state, Hv=Hv, scale=scale, l2=use_qk_l2norm, lp=lp,
                        store_o=True, store_ht=output_final_state, store_states=False,
                        interpret=interpret, tabs=tabs, P=P[0] if P else None)
-    return outs[0], (outs[1] if output_final_state else None)
+    return outs[0], (outs[1].astype(state_dtype) if output_final_state else None)
 
 
 def chunked_backward(q, k, v, g, beta, initial_state, do, dht, *, scale: float,
@@ -124,7 +128,11 @@ def chunked_backward(q, k, v, g, beta, initial_state, do, dht, *, scale: float,
     tabs = _varlen_tables(q, cu_seqlens)
     lp = _lp_dtype(q.dtype)
     l2 = bool(use_qk_l2norm)
-    q_in, k_in, g_in = q, k, g
+    q_in, k_in, g_in, h0_in = q, k, g, initial_state
+    if initial_state is not None:  # a 16-bit state: float32 in the kernels, dh0 in its dtype
+        initial_state = initial_state.astype(F32)
+    if dht is not None:
+        dht = dht.astype(F32)
     q, k, v, g, beta, initial_state, do, dht = _platform.guard(
         q, k, v, g, beta, initial_state, do, dht, what="chunked kernels (backward)",
         interpret=interpret)
@@ -152,4 +160,4 @@ def chunked_backward(q, k, v, g, beta, initial_state, do, dht, *, scale: float,
         dk = jax.vjp(l2norm, k_in)[1](dk)[0]
     dg = jnp.where(g_in.astype(F32) >= G_MIN, dg, 0.0)
     return (dq.astype(q_in.dtype), dk.astype(k_in.dtype), dv, dg.astype(g_in.dtype),
-            dbeta.astype(beta.dtype), dh0 if initial_state is not None else None)
+            dbeta.astype(beta.dtype), dh0.astype(h0_in.dtype) if h0_in is not None else None)

@@ -174,8 +174,8 @@ def _kernel(*refs, T, scale, use_qk_l2norm, kda, has_h0, store_ht, layout, prefe
         x = x.astype(jnp.float32)
         return x.T if layout == "kv" else x
 
-    def to_memory(S):  # [BV, K] -> stored tile
-        return S.T if layout == "kv" else S
+    def to_memory(S, ref):  # [BV, K] float32 -> stored tile in ref's dtype (round to nearest)
+        return (S.T if layout == "kv" else S).astype(ref.dtype)
 
     # This program's tokens [bos, eos). Without cu_seqlens they are the static [0, T) and every
     # loop below has static bounds (scf.for with constants).
@@ -217,7 +217,7 @@ def _kernel(*refs, T, scale, use_qk_l2norm, kda, has_h0, store_ht, layout, prefe
         # (The others are written by the token loop, so nothing is stored twice.)
         L = hi - bos
         n_init = max(ns - L, 0) if isinstance(L, int) else jnp.clip(ns - L, 0, ns)
-        S0 = to_memory(S)
+        S0 = to_memory(S, snap_ref)
 
         def init_snap(j, c):
             snap_ref[j] = S0
@@ -255,7 +255,7 @@ def _kernel(*refs, T, scale, use_qk_l2norm, kda, has_h0, store_ht, layout, prefe
 
             @pl.when(j >= 0)
             def _():
-                snap_ref[j] = to_memory(S)
+                snap_ref[j] = to_memory(S, snap_ref)
         return S, nxt
 
     # The first prefetch is clamped too: an empty last sequence has bos == T.
@@ -274,9 +274,9 @@ def _kernel(*refs, T, scale, use_qk_l2norm, kda, has_h0, store_ht, layout, prefe
 
         @pl.when(wvalid)
         def _():
-            ht_ref[wslot] = to_memory(S)
+            ht_ref[wslot] = to_memory(S, ht_ref)
     elif store_ht:
-        ht_ref[...] = to_memory(S)
+        ht_ref[...] = to_memory(S, ht_ref)
 
 
 def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
@@ -289,9 +289,11 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
     """Runs the gated delta rule through the fused Pallas kernel (T >= 1 packed tokens).
 
     q, k `[B, T, Hk, K]`; v `[B, T, Hv, V]`; g `[B, T, Hv]` (GDA) or `[B, T, Hv, K]` (KDA);
-    beta `[B, T, Hv]`; initial_state float32 `[N, Hv, K, V]` ("kv") or `[N, Hv, V, K]` ("vk"),
-    or None (zeros; no state is read). N = B, or the number of sequences with `cu_seqlens`.
-    Returns `(o [B, T, Hv, V] in q.dtype, final_state)`, final_state float32 `[N, ...]` in
+    beta `[B, T, Hv]`; initial_state `[N, Hv, K, V]` ("kv") or `[N, Hv, V, K]` ("vk"), float32,
+    bfloat16 or float16 (read and written in that dtype, widened to float32 on chip), or None
+    (zeros; no state is read). N = B, or the number of sequences with `cu_seqlens`.
+    Returns `(o [B, T, Hv, V] in q.dtype, final_state)`, final_state `[N, ...]` (initial_state's
+    dtype, float32 without one) in
     `state_layout`, or None when `output_final_state` is False; with `num_snapshots` > 0,
     `(o, final_state, snapshots)`. Semantics: docs/spec.md sections 2.3-2.5.
 
@@ -311,7 +313,7 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
     slot `output_state_indices[n]` instead (-1 / out of range: no write); has_initial_state:
     bool `[N]` with state_indices: False starts sequence n from zeros (its slot is not read).
     A write slot that another sequence of the call reads is unspecified (programs run at once).
-    num_snapshots = ns (Python int): also returns snapshots float32 `[N, ns, Hv, K, V]` ("kv") /
+    num_snapshots = ns (Python int): also returns snapshots (the state's dtype) `[N, ns, Hv, K, V]` ("kv") /
     `[N, ns, Hv, V, K]` ("vk"): `snapshots[n, j]` = state after token `L_n - ns + j` of sequence
     n; slots before its first token hold its initial state.
 
@@ -396,12 +398,14 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
         args.append(jnp.asarray(has_initial_state).astype(jnp.int32))
     out_specs = [v_spec]
     out_shape = [jax.ShapeDtypeStruct((B, T, Hv, V), q.dtype)]
+    # states are stored in the initial state's dtype (float32 without one); maths in float32
+    state_dtype = initial_state.dtype if has_h0 else jnp.float32
     if output_final_state:
         out_specs.append(s_spec)
-        out_shape.append(jax.ShapeDtypeStruct(s_shape, jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct(s_shape, state_dtype))
     if ns:
         out_specs.append(snap_spec)
-        out_shape.append(jax.ShapeDtypeStruct(snap_shape, jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct(snap_shape, state_dtype))
     aliases = {5: 1} if (has_h0 and output_final_state and (alias_state or pool)) else {}
 
     kernel = functools.partial(
