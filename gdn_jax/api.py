@@ -423,7 +423,8 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
       state_indices: int32 `[N]`: sequence n reads and writes pool slot `state_indices[n]`
         of `initial_state`; -1 marks a padding entry (skipped, zero outputs). The updated pool
         is returned as final_state (needs `output_final_state=True`); other slots are left
-        bit-for-bit unchanged, in place when the pool is donated.
+        bit-for-bit unchanged, in place when the pool is donated. A 2-D `[N, W]` table gives
+        per-token slots (speculative decoding): see num_accepted_tokens.
       num_snapshots: if > 0, also return the states after each of the last `num_snapshots`
         tokens of every sequence, `[N, num_snapshots, Hv, K, V]` (speculative decoding
         rollback); computed by the recurrent path.
@@ -464,7 +465,7 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
         column 0); `output_state_indices` `[N, W]` (default: the read table) names the slot
         that receives the state after each token p of sequence n (-1: none). A read slot of -1
         is a padding sequence (no read, no write, zero outputs). Recurrent and reference paths
-        only; no gradients. See docs/spec.md section 2.6.
+        only; no gradients. See docs/spec.md section 2.5a.
       segment_ids: int `[B, T]`, documents packed into rows (MaxText / Levanter style): a
         change of nonzero id starts a new sequence from a zero state; id 0 is padding (zero
         outputs, the state passes through unchanged). A row's first real token continues from
@@ -519,7 +520,7 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                    state_indices, dims.N, initial_state)
     num_snapshots = int(num_snapshots)
     impl = _resolve_impl(impl, dims, num_snapshots)  # option conflicts raise even at T == 0
-    if token_slots and impl == "chunked":  # "auto" over RECURRENT_MAX_T: per-token slots need tokens
+    if token_slots and impl == "chunked":  # "auto" past RECURRENT_MAX_T: tokens one by one
         impl = "recurrent"
     if impl == "reference":
         _resolve_backend(backend, impl, interpret, None, state_layout, {})  # raises on kernels

@@ -4,7 +4,7 @@ vLLM's form (its GDN `fused_recurrent_gated_delta_rule` with a 2-D `ssm_state_in
 `num_accepted_tokens`): a verification step runs the T draft tokens of each sequence once and
 stores the state after every draft token in its own pool slot, so the next step starts from
 the state after the last accepted token by picking a slot, with no dense snapshot copy and no
-rollback pass. Semantics: docs/spec.md section 2.6.
+rollback pass. Semantics: docs/spec.md section 2.5a.
 
 - `state_indices` `[N, W]` int32 is the read table (vLLM's `ssm_state_indices`): sequence n
   starts from slot `state_indices[n, num_accepted_tokens[n] - 1]`.
@@ -100,8 +100,8 @@ def per_token_slots(state_indices, output_state_indices, num_accepted_tokens, *,
         uniq, counts = np.unique(used, return_counts=True)
         if np.any(counts > 1):
             which = "output_state_indices" if output_state_indices is not None else "state_indices"
-            raise ValueError(f"{which} (the per-token write table) must not repeat a slot, got slot "
-                             f"{uniq[counts > 1][0]} {counts[counts > 1][0]} times")
+            raise ValueError(f"{which} (the per-token write table) must not repeat a slot, got "
+                             f"slot {uniq[counts > 1][0]} {counts[counts > 1][0]} times")
     cu = None if cu_seqlens is None else _concrete(cu_seqlens)
     if cu is not None and cu.ndim == 1 and cu.size >= 2:
         lens = np.diff(cu)

@@ -444,7 +444,8 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
         write_slots=write_slots, has_flags=has_flags, token_writes=token_writes)
     name = (f"gdn_recurrent_{'kda' if kda else 'gda'}_k{K}_v{V}_bv{bv}_{state_layout}"
             f"{'_varlen' if varlen else ''}{'_pool' if pool else ''}"
-            f"{'_tokslots' if token_writes else '_wslots' if write_slots else ''}{'_hasinit' if has_flags else ''}"
+            f"{'_tokslots' if token_writes else '_wslots' if write_slots else ''}"
+            f"{'_hasinit' if has_flags else ''}"
             f"{'_h0' if has_h0 and not pool else ''}{'_ht' if output_final_state else ''}"
             f"{f'_snap{ns}' if ns else ''}")
     outs = pl.pallas_call(

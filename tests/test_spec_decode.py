@@ -1,4 +1,4 @@
-"""Per-token state slots for speculative decoding (vLLM's form, docs/spec.md section 2.6): a
+"""Per-token state slots for speculative decoding (vLLM's form, docs/spec.md section 2.5a): a
 2-D `state_indices` read table `[N, W]`, `num_accepted_tokens` `[N]` picking the read column,
 and a per-token write table (`output_state_indices` `[N, W]`, default the read table).
 
@@ -248,7 +248,8 @@ _ACC = jnp.asarray(ACC, jnp.int32)
 
 
 @pytest.mark.parametrize("kw,err,match", [
-    (dict(state_indices=_TABLE.astype(jnp.float32)), TypeError, "state_indices must have dtype int32"),
+    (dict(state_indices=_TABLE.astype(jnp.float32)), TypeError,
+     "state_indices must have dtype int32"),
     (dict(state_indices=_TABLE[:3]), ValueError, r"N=4 rows"),
     (dict(state_indices=_TABLE[:, :2]), ValueError, r"W == T=3"),
     (dict(state_indices=_TABLE[:, 0], num_accepted_tokens=_ACC), ValueError,
@@ -284,3 +285,25 @@ def test_packed_sequence_longer_than_the_table_raises():
     with pytest.raises(ValueError, match=r"sequence 1 has 4 tokens .* W=3"):
         gated_delta_net(*args, initial_state=_pool(), state_indices=_TABLE[:2],
                         cu_seqlens=jnp.asarray([0, 1, 5], jnp.int32), output_final_state=True)
+
+
+def test_no_tokens():
+    """Packed with no tokens: nothing is written, the pool passes through bit-identical;
+    without cu_seqlens the table would have no column to read (W = T = 0): raises."""
+    pool = _pool()
+    args = _inputs(1, 0)
+    _, new = gated_delta_net(*args, initial_state=pool, state_indices=_TABLE[:2],
+                             cu_seqlens=jnp.zeros((3,), jnp.int32), output_final_state=True)
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(pool))
+    with pytest.raises(ValueError, match="W >= 1"):
+        gated_delta_net(*_inputs(2, 0), initial_state=pool,
+                        state_indices=jnp.zeros((2, 0), jnp.int32), output_final_state=True)
+
+
+def test_repeated_read_slots_raise():
+    table = jnp.asarray([[0, 1, 2], [3, 1, 5], [6, 7, 8], [9, 10, 11]], jnp.int32)
+    write = jnp.asarray(np.arange(12).reshape(4, 3), jnp.int32)
+    with pytest.raises(ValueError, match="must not repeat a slot"):  # both read slot 1
+        gated_delta_net(*_inputs(4, T), initial_state=_pool(), state_indices=table,
+                        output_state_indices=write, output_final_state=True,
+                        num_accepted_tokens=jnp.asarray([2, 2, 1, 1], jnp.int32))
