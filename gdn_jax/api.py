@@ -18,6 +18,7 @@ from .chunked import chunked_gated_delta_net
 from .recurrent import recurrent_gated_delta_net
 from .reference import reference_gated_delta_net
 from ._varlen import token_table
+from .spec_decode import is_token_table, per_token_slots, token_write_slots
 
 # Measured on the project's 2-core CPU (`benchmarks/benchmark.py --sections sweep`, B=1, Hv=32,
 # K=V=128): the XLA recurrent path beats the XLA chunked one up to T = 8, chunked wins from
@@ -52,6 +53,7 @@ class _Config:
     pool: bool = False  # h0 is a state pool indexed by state_indices
     families: tuple[str, ...] = ()
     dot_precision: str = "highest"  # XLA paths' data-state dots: "highest" or "default"
+    token_slots: int = 0  # W of a per-token write table [N, W] (speculative decoding), 0 for none
 
 
 def _resolve_impl(impl: str, dims: Dims, num_snapshots: int) -> str:
@@ -114,6 +116,8 @@ def _resolve_backend(backend: str, impl: str, interpret: bool, args, state_layou
         h0 = jax.ShapeDtypeStruct((varlen["state_indices"].shape[0],) + h0.shape[1:], h0.dtype)
     kw = _varlen_kwargs(**varlen, impl=impl)
     serving = {"output_state_indices", "has_initial_state"} & set(kw)
+    if getattr(kw.get("output_state_indices"), "ndim", 1) == 2:
+        serving = (serving - {"output_state_indices"}) | {"per-token slots (state_indices [N, W])"}
     reasons = {fam: (f"the Mosaic TPU kernels do not take {', '.join(sorted(serving))}"
                      if serving and fam == "pallas_mosaic_tpu" else
                      _pallas_module(impl, fam).supports(q, k, v, g, beta, h0,
@@ -188,6 +192,14 @@ def _zero_padding_tokens(x, s: Slots, cu):
     return jnp.where(mask, x, jnp.zeros((), x.dtype))
 
 
+def _scatter_token_states(pool, s: Slots, snaps, cu):
+    """`pool` with the state after each token written to its slot of the table `s.write`."""
+    N, W = s.write.shape  # W == T without cu_seqlens
+    lens = jnp.full((N,), W, jnp.int32) if cu is None else (cu[1:] - cu[:-1]).astype(jnp.int32)
+    slots = token_write_slots(s.write, lens, W, s.read, pool.shape[0])
+    return pool.at[slots.reshape(-1)].set(snaps.reshape((N * W,) + snaps.shape[2:]), mode="drop")
+
+
 def _pooled(cfg: _Config, fn):
     """Wraps fn(q, k, v, g, beta, h0, cu) -> (o, ht, snaps), all per sequence and in the
     caller's layout, to read and write a state pool: gather the indexed slots, run, scatter the
@@ -198,6 +210,8 @@ def _pooled(cfg: _Config, fn):
         if not cfg.pool:
             return fn(q, k, v, g, beta, h0, cu)
         o, ht, snaps = fn(q, k, v, g, beta, _gather_slots(h0, idx), cu)
+        if cfg.token_slots:  # the paths' snapshots are the states after each token
+            return _zero_padding_tokens(o, idx, cu), _scatter_token_states(h0, idx, snaps, cu), None
         if snaps is not None:
             snaps = jnp.where((idx.read >= 0)[:, None, None, None, None], snaps, 0.0)
         return _zero_padding_tokens(o, idx, cu), _scatter_slots(h0, idx, ht), snaps
@@ -209,8 +223,9 @@ def _xla_fn(cfg: _Config, impl: str):
     """An XLA path in the op's calling convention: (q, k, v, g, beta, h0, cu_seqlens,
     state_indices) -> (o, final_state, snapshots); h0 may be None, a pool, or "vk"."""
     path = functools.partial(XLA_PATHS[impl], scale=cfg.scale, use_qk_l2norm=cfg.use_qk_l2norm)
-    if cfg.num_snapshots:
-        path = functools.partial(path, num_snapshots=cfg.num_snapshots)
+    ns = cfg.num_snapshots or cfg.token_slots  # per-token slots: the states after each token
+    if ns:
+        path = functools.partial(path, num_snapshots=ns)
     # The fast paths compute in the caller's layout; the reference (the oracle) sees "kv".
     native = impl != "reference"
     if native:
@@ -229,7 +244,7 @@ def _xla_fn(cfg: _Config, impl: str):
         h0 = jnp.zeros(shape, jnp.float32) if h0 is None else to_path(h0)
         res = path(q, k, v, g, beta, h0, **({} if cu is None else {"cu_seqlens": cu}))
         o, ht = res[:2]
-        snaps = res[2] if cfg.num_snapshots else None
+        snaps = res[2] if ns else None
         return o, to_path(ht), to_path(snaps)
 
     pooled = _pooled(cfg, per_sequence)
@@ -244,7 +259,7 @@ def _xla_fn(cfg: _Config, impl: str):
         return _zero_padding_tokens(res[0], idx, None), res[1], snaps
 
     def fn(q, k, v, g, beta, h0, cu, idx):
-        if cfg.pool and impl == "recurrent" and cu is None:
+        if cfg.pool and impl == "recurrent" and cu is None and not cfg.token_slots:
             o, ht, snaps = in_place_pool(q, k, v, g, beta, h0, idx)
         else:
             o, ht, snaps = pooled(q, k, v, g, beta, h0, cu, idx)
@@ -338,6 +353,10 @@ def _gdn(cfg: _Config, q, k, v, g, beta, h0, cu, idx):
 
 
 def _gdn_fwd(cfg, q, k, v, g, beta, h0, cu, idx):
+    if cfg.token_slots:
+        raise NotImplementedError(
+            "gradients of a call with per-token slots (state_indices [N, W], speculative "
+            "decoding) are not supported: it is a serving path; differentiate a call without them")
     out = _forward(cfg, q, k, v, g, beta, h0, cu, idx, alias_state=False)
     return out, (q, k, v, g, beta, h0, cu, idx)
 
@@ -380,7 +399,8 @@ def _empty_call(q, v, initial_state, cu_seqlens, state_indices, dims, *, output_
     ht = None
     if output_final_state:
         ht = initial_state if initial_state is not None else per_seq
-        if state_indices is not None and state_indices.write is not None:
+        if state_indices is not None and state_indices.write is not None and \
+                state_indices.write.ndim == 1:  # a per-token table has no token to write
             ht = _scatter_slots(initial_state, state_indices, per_seq)
     if not num_snapshots:
         return o, ht
@@ -395,7 +415,7 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                     dt_bias=None, lower_bound: float | None = None,
                     use_beta_sigmoid_in_kernel: bool = False, segment_ids=None,
                     precision: str = "auto", output_state_indices=None,
-                    has_initial_state=None):
+                    has_initial_state=None, num_accepted_tokens=None):
     """The gated delta rule (GDA or KDA) over T tokens of B independent sequences.
 
     Args:
@@ -417,7 +437,8 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
       state_indices: int32 `[N]`: sequence n reads and writes pool slot `state_indices[n]`
         of `initial_state`; -1 marks a padding entry (skipped, zero outputs). The updated pool
         is returned as final_state (needs `output_final_state=True`); other slots are left
-        bit-for-bit unchanged, in place when the pool is donated.
+        bit-for-bit unchanged, in place when the pool is donated. A 2-D `[N, W]` table gives
+        per-token slots (speculative decoding): see num_accepted_tokens.
       num_snapshots: if > 0, also return the states after each of the last `num_snapshots`
         tokens of every sequence, `[N, num_snapshots, Hv, K, V]` (speculative decoding
         rollback); computed by the recurrent path.
@@ -451,6 +472,14 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
         slots other sequences of the call read (else unspecified, no crash).
       has_initial_state: bool `[N]`: False starts sequence n from zeros without using its
         initial state or pool slot (a new request in a recycled slot).
+      num_accepted_tokens: int32 `[N]` in [1, W], with per-token slots (speculative
+        decoding, vLLM's form): `state_indices` is then a 2-D read table `[N, W]` (vLLM's
+        `ssm_state_indices`; W == T, or with cu_seqlens W >= every sequence's length) and
+        sequence n starts from slot `state_indices[n, num_accepted_tokens[n] - 1]` (None:
+        column 0); `output_state_indices` `[N, W]` (default: the read table) names the slot
+        that receives the state after each token p of sequence n (-1: none). A read slot of -1
+        is a padding sequence (no read, no write, zero outputs). Recurrent and reference paths
+        only; no gradients. See docs/spec.md section 2.5a.
       segment_ids: int `[B, T]`, documents packed into rows (MaxText / Levanter style): a
         change of nonzero id starts a new sequence from a zero state; id 0 is padding (zero
         outputs, the state passes through unchanged). A row's first real token continues from
@@ -485,6 +514,16 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                        ("use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel), ("interpret", interpret)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a Python bool, got {flag!r} of type {type(flag).__name__}")
+    token_slots = 0
+    if is_token_table(state_indices):  # per-token slots: one read slot, a write table
+        token_slots = state_indices.shape[1]
+        state_indices, output_state_indices = per_token_slots(
+            state_indices, output_state_indices, num_accepted_tokens, B=q.shape[0],
+            T=q.shape[1], cu_seqlens=cu_seqlens, initial_state=initial_state,
+            num_snapshots=num_snapshots, impl=impl)
+    elif num_accepted_tokens is not None:
+        raise ValueError("num_accepted_tokens needs per-token slots: a 2-D state_indices [N, W] "
+                         "(it picks the column of the read slot)")
     dims = check_inputs(q, k, v, g, beta, initial_state, scale=scale, impl=impl, backend=backend,
                         state_layout=state_layout, cu_seqlens=cu_seqlens,
                         state_indices=state_indices, num_snapshots=num_snapshots,
@@ -492,9 +531,12 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
     dot_precision = _resolve_precision(precision, q.dtype)
     if seg_masks is not None:
         g, beta = apply_segments(g, beta, *seg_masks)
-    _check_serving(output_state_indices, has_initial_state, state_indices, dims.N, initial_state)
+    _check_serving(None if token_slots else output_state_indices, has_initial_state,
+                   state_indices, dims.N, initial_state)
     num_snapshots = int(num_snapshots)
     impl = _resolve_impl(impl, dims, num_snapshots)  # option conflicts raise even at T == 0
+    if token_slots and impl == "chunked":  # "auto" past RECURRENT_MAX_T: tokens one by one
+        impl = "recurrent"
     if impl == "reference":
         _resolve_backend(backend, impl, interpret, None, state_layout, {})  # raises on kernels
     if initial_state is not None and has_initial_state is not None and state_indices is None:
@@ -513,7 +555,7 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                                          (q, k, v, g, beta, initial_state), state_layout, varlen)
     cfg = _Config(impl, backend, default_scale(scale, dims.K), use_qk_l2norm_in_kernel,
                   output_final_state, state_layout, interpret, num_snapshots,
-                  state_indices is not None, families, dot_precision)
+                  state_indices is not None, families, dot_precision, token_slots)
     o, ht, snaps = _gdn(cfg, q, k, v, g, beta, initial_state, cu_seqlens, state_indices)
     if seg_masks is not None:
         o = jnp.where(seg_masks[1][..., None, None], jnp.zeros((), o.dtype), o)

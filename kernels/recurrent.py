@@ -40,6 +40,9 @@ kernel, not in index maps:
 - `num_snapshots`: the state tile is also stored after each of the last ns tokens of the
   sequence (a uniform branch per token) into `[N, ns, ...]`; slots before the first token get
   the initial state.
+- per-token write slots (`output_state_indices` `[N, W]`, speculative decoding): the tile is
+  stored into pool slot `output_state_indices[n, t - bos]` after each token t (a uniform
+  guarded store), and not at the end; the pool stays aliased to the final state.
 """
 from __future__ import annotations
 
@@ -118,6 +121,16 @@ def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv",
             continue
         if state_indices is None:
             return f"{name} is taken with state_indices (a pool) only"
+        if name == "output_state_indices" and getattr(x, "ndim", None) == 2:
+            # a per-token write table [N, W]: W == T, or any W >= 1 with cu_seqlens
+            W = x.shape[1]
+            if x.shape[0] != N or W < 1 or (cu_seqlens is None and W != T) or not dtype_ok(x):
+                return (f"output_state_indices as a per-token table must be [N, W] = [{N}, "
+                        f"{T if cu_seqlens is None else 'W >= 1'}] of an integer dtype, got "
+                        f"{tuple(x.shape)} {x.dtype}")
+            if num_snapshots:
+                return "per-token write slots and num_snapshots are exclusive"
+            continue
         if getattr(x, "ndim", None) != 1 or x.shape[0] != N or not dtype_ok(x):
             return f"{name} must be [N] = [{N}] of the right dtype, got {getattr(x, 'shape', x)}"
     if initial_state is not None:
@@ -156,7 +169,7 @@ def choose_config(B: int, Hv: int, K: int, V: int, block_v: int | None = None):
 
 
 def _kernel(*refs, T, scale, use_qk_l2norm, kda, has_h0, store_ht, layout, prefetch,
-            varlen, pool, ns, write_slots=False, has_flags=False):
+            varlen, pool, ns, write_slots=False, has_flags=False, token_writes=False):
     it = iter(refs)
     q_ref, k_ref, v_ref, g_ref, b_ref = (next(it) for _ in range(5))
     h0_ref = next(it) if has_h0 else None
@@ -198,8 +211,9 @@ def _kernel(*refs, T, scale, use_qk_l2norm, kda, has_h0, store_ht, layout, prefe
         hi = jnp.where(valid, eos, bos)  # end of the tokens actually run (bos for padding)
         # has_initial_state False: start from zeros, the slot is not read
         read = valid & (has_ref[n] != 0) if has_flags else valid
-        # write slot: output_state_indices[n] when given (-1 or out of range: no write)
-        if write_slots:
+        # write slot: output_state_indices[n] when given (-1 or out of range: no write); a
+        # per-token table is read per token in the loop below
+        if write_slots and not token_writes:
             wraw = wr_ref[n]
             wvalid = valid & (wraw >= 0) & (wraw < P)
             wslot = jnp.where(wvalid, wraw, 0)
@@ -256,6 +270,16 @@ def _kernel(*refs, T, scale, use_qk_l2norm, kda, has_h0, store_ht, layout, prefe
             @pl.when(j >= 0)
             def _():
                 snap_ref[j] = to_memory(S, snap_ref)
+        if token_writes:
+            # the state after token p = t - bos goes to slot output_state_indices[n, p]
+            W = wr_ref.shape[1]
+            p = t - bos
+            w = wr_ref[n, jnp.minimum(p, W - 1)]
+            ok = (p < W) & (w >= 0) & (w < P)
+
+            @pl.when(ok)
+            def _():
+                ht_ref[jnp.where(ok, w, 0)] = to_memory(S, ht_ref)
         return S, nxt
 
     # The first prefetch is clamped too: an empty last sequence has bos == T.
@@ -272,9 +296,10 @@ def _kernel(*refs, T, scale, use_qk_l2norm, kda, has_h0, store_ht, layout, prefe
 
         jax.lax.fori_loop(hi, eos, zero_row, 0)
 
-        @pl.when(wvalid)
-        def _():
-            ht_ref[wslot] = to_memory(S, ht_ref)
+        if not token_writes:
+            @pl.when(wvalid)
+            def _():
+                ht_ref[wslot] = to_memory(S, ht_ref)
     elif store_ht:
         ht_ref[...] = to_memory(S, ht_ref)
 
@@ -313,6 +338,10 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
     slot `output_state_indices[n]` instead (-1 / out of range: no write); has_initial_state:
     bool `[N]` with state_indices: False starts sequence n from zeros (its slot is not read).
     A write slot that another sequence of the call reads is unspecified (programs run at once).
+    output_state_indices may instead be a per-token table `[N, W]` (speculative decoding;
+    W == T, or W >= 1 with cu_seqlens): the state after token p of sequence n is stored in slot
+    `output_state_indices[n, p]` (-1, out of range or p >= W: no store) and no final state is
+    stored; the read slot is `state_indices[n]` (the op picks it from its read table).
     num_snapshots = ns (Python int): also returns snapshots (the state's dtype) `[N, ns, Hv, K, V]` ("kv") /
     `[N, ns, Hv, V, K]` ("vk"): `snapshots[n, j]` = state after token `L_n - ns + j` of sequence
     n; slots before its first token hold its initial state.
@@ -390,7 +419,11 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
         args.append(jnp.asarray(state_indices).astype(jnp.int32))
     write_slots = pool and output_state_indices is not None
     has_flags = pool and has_initial_state is not None
-    if write_slots:
+    token_writes = write_slots and output_state_indices.ndim == 2
+    if token_writes:
+        in_specs.append(pl.BlockSpec(tuple(output_state_indices.shape), lambda n, h, j: (0, 0)))
+        args.append(jnp.asarray(output_state_indices).astype(jnp.int32))
+    elif write_slots:
         in_specs.append(pl.BlockSpec((N,), lambda n, h, j: (0,)))
         args.append(jnp.asarray(output_state_indices).astype(jnp.int32))
     if has_flags:
@@ -412,10 +445,11 @@ def fused_recurrent(q, k, v, g, beta, initial_state=None, *, scale: float,
         _kernel, T=T, scale=float(scale), use_qk_l2norm=bool(use_qk_l2norm), kda=kda,
         has_h0=has_h0, store_ht=bool(output_final_state), layout=state_layout,
         prefetch=bool(prefetch) and T > 1, varlen=varlen, pool=pool, ns=ns,
-        write_slots=write_slots, has_flags=has_flags)
+        write_slots=write_slots, has_flags=has_flags, token_writes=token_writes)
     name = (f"gdn_recurrent_{'kda' if kda else 'gda'}_k{K}_v{V}_bv{bv}_{state_layout}"
             f"{'_varlen' if varlen else ''}{'_pool' if pool else ''}"
-            f"{'_wslots' if write_slots else ''}{'_hasinit' if has_flags else ''}"
+            f"{'_tokslots' if token_writes else '_wslots' if write_slots else ''}"
+            f"{'_hasinit' if has_flags else ''}"
             f"{'_h0' if has_h0 and not pool else ''}{'_ht' if output_final_state else ''}"
             f"{f'_snap{ns}' if ns else ''}")
     outs = pl.pallas_call(

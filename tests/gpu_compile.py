@@ -225,9 +225,10 @@ def _recurrent_cases():
     f32 = jnp.float32
 
     def case(dt, kda, layout, B=32, T=1, Hk=16, Hv=32, K=128, V=128, h0=True, ht=True,
-             varlen=False, pool=0, ns=0):
+             varlen=False, pool=0, ns=0, tok=False):
         """varlen: B sequences packed into one row of T tokens (cu_seqlens); pool: P slots
-        (state_indices [B]); ns: snapshots. Extra int32 inputs follow the state (arg 5)."""
+        (state_indices [B]); ns: snapshots; tok: per-token write slots (output_state_indices
+        [B, T], speculative decoding). Extra int32 inputs follow the state (arg 5)."""
         dt = jnp.dtype(dt)
         N, B = B, (1 if varlen else B)
         lead = pool or N
@@ -240,16 +241,20 @@ def _recurrent_cases():
             args.append(S((N + 1,), jnp.int32))
         if pool:
             args.append(S((N,), jnp.int32))
+        if tok:
+            args.append(S((N, T), jnp.int32))
 
         def fn(*a):
             a = list(a)
+            out_idx = a.pop() if tok else None
             idx = a.pop() if pool else None
             cu = a.pop() if varlen else None
             return recurrent.fused_recurrent(*a, scale=K ** -0.5, use_qk_l2norm=True,
                                              output_final_state=ht, state_layout=layout,
-                                             cu_seqlens=cu, state_indices=idx, num_snapshots=ns)
+                                             cu_seqlens=cu, state_indices=idx, num_snapshots=ns,
+                                             output_state_indices=out_idx)
         extra = (f"{' varlen' if varlen else ''}{f' pool={pool}' if pool else ''}"
-                 f"{f' snap{ns}' if ns else ''}")
+                 f"{f' snap{ns}' if ns else ''}{' token-slots' if tok else ''}")
         label = (f"{'kda' if kda else 'gda'} {dt.name} {layout}{extra} {'N' if varlen else 'B'}={N} "
                  f"T={T} Hv={Hv} K={K} V={V}{' h0' if h0 and not pool else ''}{' ht' if ht else ''}")
         return label, fn, args
@@ -267,7 +272,9 @@ def _recurrent_cases():
     # (speculative decoding: the states after each of the last 4 tokens), and all of them at once.
     cases += [case(jnp.bfloat16, False, "kv", T=128, varlen=True, pool=64),
               case(jnp.bfloat16, True, "vk", T=8, ns=4),
-              case(jnp.bfloat16, True, "kv", T=128, varlen=True, pool=64, ns=4)]
+              case(jnp.bfloat16, True, "kv", T=128, varlen=True, pool=64, ns=4),
+              # per-token write slots (docs/spec.md 2.5a): 4 draft tokens, 160 slots
+              case(jnp.bfloat16, False, "vk", T=4, pool=160, tok=True)]
     return cases
 
 

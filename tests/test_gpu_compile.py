@@ -170,6 +170,19 @@ def test_varlen_pool_and_snapshot_kernels(compile_report):
         assert len(case["all_kernels"]) == 1, case
 
 
+def test_token_slot_kernel_updates_the_donated_pool_in_place(compile_report):
+    """Per-token write slots (speculative decoding, 4 drafts): one kernel, sm_90a, no spills,
+    the donated pool is its output (aliased, no copy)."""
+    cases = [c for c in _recurrent(compile_report) if " token-slots" in c["case"]]
+    assert len(cases) == 1, [c["case"] for c in cases]
+    (case,) = cases
+    assert "error" not in case, f"{case['case']}: {case.get('error')}"
+    (k,) = case["kernels"]
+    assert "_tokslots" in k["name"] and k["arch"] == "sm_90a", k
+    assert k["spill_stores"] == 0 and k["spill_loads"] == 0 and k.get("stack_frame", 0) == 0, k
+    assert case["state_aliased"] and case["copies"] == 0 and len(case["all_kernels"]) == 1, case
+
+
 def test_varlen_token_loop_is_a_for_loop():
     """With traced cu_seqlens / state_indices the token loops have traced bounds; the Triton
     lowering pattern-matches them to scf.for (no scf.while), and the pool load is masked."""
