@@ -9,8 +9,8 @@ Sections:
            against the fixed `lax.scan` yardstick (gdn_jax.benchmarking.yardstick_scan); compile times.
   decode   B=32, Hk=16, Hv=32, K=V=128, T=1, state donated: one jitted step against `np.copyto` of the
            64 MiB state (the floor: the state must be read and written once).
-  pools    decode into a state pool stored as float32 and as bfloat16 at B = 1, 32, 256: time
-           against the bytes of the states touched, bf16 / f32 ratio.
+  pools    decode into a state pool stored as float32, bfloat16 and float16 at B = 1, 32, 256:
+           time against the bytes of the states touched, 16-bit / float32 ratios.
   sweep    time against T (B=1, Hv=32, K=V=128) for reference, recurrent and chunked: the break-even
            T that `impl="auto"` uses; saves a PNG plot when matplotlib is installed.
   packed   16 sequences of mixed lengths (8192 tokens) packed with cu_seqlens against the same
@@ -78,11 +78,14 @@ def prefill(reps: int, modes=("GDA", "KDA")):
             p.step(f"{shape.kda and 'KDA' or 'GDA'} {name}")
     base = results[(False, "yardstick scan")][0].median_ms if "GDA" in modes else float("nan")
     for (kda, name), (t, tb) in results.items():
+        gda = results.get((False, name), (None,))[0]
         rows.append(["KDA" if kda else "GDA", name, t.median_ms, f"{base / t.median_ms:.2f}x",
+                     f"{t.median_ms / gda.median_ms:.2f}x" if gda else "-", f"{t.cores:.2f}",
                      tb.median_ms if tb else "-", t.compile_s, tb.compile_s if tb else "-"])
-    print(f"\nPrefill {shapes[0]} (float32, l2norm on); ratio = yardstick time / path time (higher is faster)")
-    print(table(rows, ["mode", "path", "fwd ms", "vs yardstick", "fwd+bwd ms", "fwd compile s",
-                       "fwd+bwd compile s"]))
+    print(f"\nPrefill {shapes[0]} (float32, l2norm on); ratio = yardstick time / path time (higher "
+          "is faster); cores busy = process CPU time / wall time of the timed forward calls")
+    print(table(rows, ["mode", "path", "fwd ms", "vs yardstick", "vs GDA", "cores busy",
+                       "fwd+bwd ms", "fwd compile s", "fwd+bwd compile s"]))
     return results
 
 
@@ -110,18 +113,18 @@ def decode(reps: int, modes=("GDA", "KDA")):
                     rows.append([mode, f"{impl} (xla)", layout, t.median_ms, t.min_ms,
                                  f"{t.median_ms / copy.median_ms:.2f}x",
                                  f"{t.min_ms / copy.min_ms:.2f}x",
-                                 f"{t.median_ms / kv.median_ms:.2f}x"])
+                                 f"{t.median_ms / kv.median_ms:.2f}x", f"{t.cores:.2f}"])
                 p.step(f"{mode} {impl}")
     print(f"\nDecode step {shape}, float32, state donated ({nbytes / 2**20:.0f} MiB), each call "
           f"given the state the previous call returned; np.copyto of the state: median "
           f"{copy.median_ms:.2f} ms, best {copy.min_ms:.2f} ms")
     print(table(rows, ["mode", "path", "layout", "median ms", "best ms", "median / copy",
-                       "best / best copy", "vk / kv (median)"]))
+                       "best / best copy", "vk / kv (median)", "cores busy"]))
 
 
 def pools(reps: int, batches=(1, 32, 256)):
-    """Decode into a state pool (2B slots, B read and written per step) stored as float32 and
-    as bfloat16: time against the bytes of the states the step touches."""
+    """Decode into a state pool (2B slots, B read and written per step) stored as float32,
+    bfloat16 and float16: time against the bytes of the states the step touches."""
     rows = []
     with Progress(2 * len(batches)) as p:
         for B in batches:
@@ -138,9 +141,11 @@ def pools(reps: int, batches=(1, 32, 256)):
                                            use_qk_l2norm_in_kernel=True, impl="recurrent",
                                            backend="xla")
                 fn = jax.jit(op, donate_argnums=(5,))
-                jobs = [(fn, (*a, pool.astype(dt))) for dt in (jnp.float32, jnp.bfloat16)]
-                f32, b16 = time_decode_loops(jobs, reps=reps, min_time_s=1.0)
-                for name, t, nbytes in (("float32", f32, 4), ("bfloat16", b16, 2)):
+                jobs = [(fn, (*a, pool.astype(dt)))
+                        for dt in (jnp.float32, jnp.bfloat16, jnp.float16)]
+                f32, b16, f16 = time_decode_loops(jobs, reps=reps, min_time_s=1.0)
+                for name, t, nbytes in (("float32", f32, 4), ("bfloat16", b16, 2),
+                                        ("float16", f16, 2)):
                     mib = h.size * nbytes / 2**20  # the B states read and written per step
                     rows.append(["KDA" if kda else "GDA", B, name, f"{mib:.0f}", t.median_ms,
                                  t.min_ms, f"{2 * mib / 1024 / (t.median_ms / 1e3):.1f}",

@@ -74,6 +74,7 @@ class Timing(NamedTuple):
     compile_s: float
     median_ms: float
     min_ms: float
+    cores: float = float("nan")  # process CPU time / wall time over the timed calls
 
 
 def time_jitted(fn: Callable, *args, reps: int = 5, min_time_s: float = 0.0,
@@ -87,14 +88,16 @@ def time_jitted(fn: Callable, *args, reps: int = 5, min_time_s: float = 0.0,
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     block(compiled(*(fresh_args() if fresh_args else args)))  # warm-up
-    times = []
+    times, cpu = [], 0.0
     start = time.perf_counter()
     while len(times) < reps or time.perf_counter() - start < min_time_s:
         a = block(fresh_args()) if fresh_args else args  # async dispatch: finish it before timing
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         block(compiled(*a))
         times.append(time.perf_counter() - t0)
-    return Timing(compile_s, 1e3 * float(np.median(times)), 1e3 * float(np.min(times)))
+        cpu += time.process_time() - c0
+    return Timing(compile_s, 1e3 * float(np.median(times)), 1e3 * float(np.min(times)),
+                  cpu / sum(times))
 
 
 def time_decode_loops(jobs, reps: int = 20, min_time_s: float = 0.0,
@@ -112,16 +115,17 @@ def time_decode_loops(jobs, reps: int = 20, min_time_s: float = 0.0,
         compile_s.append(time.perf_counter() - t0)
         state = block(args[-1] + 0)  # a private copy to donate
         states.append(block(compiled[-1](*args[:-1], state))[state_out])  # warm-up
-    times = [[] for _ in jobs]
+    times, cpu = [[] for _ in jobs], [0.0 for _ in jobs]
     start = time.perf_counter()
     while len(times[0]) < reps or time.perf_counter() - start < min_time_s:
         for j, (_, args) in enumerate(jobs):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             out = block(compiled[j](*args[:-1], states[j]))
             times[j].append(time.perf_counter() - t0)
+            cpu[j] += time.process_time() - c0
             states[j] = out[state_out]
-    return [Timing(c, 1e3 * float(np.median(t)), 1e3 * float(np.min(t)))
-            for c, t in zip(compile_s, times)]
+    return [Timing(c, 1e3 * float(np.median(t)), 1e3 * float(np.min(t)), u / sum(t))
+            for c, t, u in zip(compile_s, times, cpu)]
 
 
 def copy_time_ms(nbytes: int, reps: int = 20) -> Timing:
