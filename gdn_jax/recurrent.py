@@ -99,14 +99,15 @@ def _head_block(num_heads: int, head_bytes: int) -> int:
     return max(c for c in range(1, min(fit, num_heads) + 1) if num_heads % c == 0)
 
 
-def _run_head_blocks(step, S, xs, num_snapshots: int = 0):
+def _run_head_blocks(step, S, xs, num_snapshots: int = 0, checkpoint_every: int = 0):
     """`run_tokens` for B sequences (not packed), one block of value heads at a time.
 
     The state `[B, Hv, ..]` is viewed as B*Hv single-head sequences (a free reshape); q and k
     are repeated to the value heads (tokens-sized, small next to the state). A `fori_loop`
     slices one block of heads, runs all its tokens (`run_tokens`, snapshots included), and
     writes it back in place (`dynamic_update_slice` on the loop carry, so a donated state is
-    updated in place). Returns (o, final state, snapshots or None) as run_tokens does.
+    updated in place). Returns (o, final state, snapshots or None[, checkpoints]) as
+    run_tokens does.
     """
     q, k, v, g, beta = xs
     B, T, Hk = q.shape[:3]
@@ -114,6 +115,8 @@ def _run_head_blocks(step, S, xs, num_snapshots: int = 0):
     N = B * Hv
     G = Hv // Hk
     ns = int(num_snapshots)
+    ce = int(checkpoint_every)
+    J = T // ce if ce else 0
 
     def per_head(x, repeat=False):  # [B, T, H, ..] -> [N, T, ..]
         if repeat:
@@ -128,35 +131,42 @@ def _run_head_blocks(step, S, xs, num_snapshots: int = 0):
     c = _head_block(N, math.prod(S.shape[2:]) * 4)
 
     def block(i, carry):
-        Sf, o, snaps = carry
+        Sf, o, snaps, ckpts = carry
         xb = tuple(jax.lax.dynamic_slice_in_dim(x, i * c, c, 0)[:, :, None] for x in flat)
         Sb = jax.lax.dynamic_slice_in_dim(Sf, i * c, c, 0)[:, None]
-        ob, Sb, sb = run_tokens(lambda S_, x_t: step(S_, x_t, cached=True), Sb, xb,
-                                num_snapshots=ns)
+        ob, Sb, sb, *cb = run_tokens(lambda S_, x_t: step(S_, x_t, cached=True), Sb, xb,
+                                     num_snapshots=ns, checkpoint_every=ce)
         Sf = jax.lax.dynamic_update_slice_in_dim(Sf, Sb[:, 0], i * c, 0)
         o = jax.lax.dynamic_update_slice_in_dim(o, ob[:, :, 0], i * c, 0)
         if ns:
             snaps = jax.lax.dynamic_update_slice_in_dim(snaps, sb[:, :, 0], i * c, 0)
-        return Sf, o, snaps
+        if ce:
+            ckpts = jax.lax.dynamic_update_slice_in_dim(ckpts, cb[0][:, :, 0], i * c, 0)
+        return Sf, o, snaps, ckpts
 
     o0 = jnp.zeros((N, T, v.shape[-1]), jnp.float32)
     snaps0 = jnp.zeros((N, ns) + S.shape[2:], jnp.float32) if ns else None
-    Sf, o, snaps = jax.lax.fori_loop(0, N // c, block, (Sf, o0, snaps0))
+    ckpts0 = jnp.zeros((N, J) + S.shape[2:], jnp.float32) if ce else None
+    Sf, o, snaps, ckpts = jax.lax.fori_loop(0, N // c, block, (Sf, o0, snaps0, ckpts0))
     o = jnp.moveaxis(o.reshape(B, Hv, T, -1), 1, 2)
     if ns:
         snaps = jnp.moveaxis(snaps.reshape((B, Hv, ns) + S.shape[2:]), 2, 1)
-    return o, Sf.reshape(S.shape), snaps
+    if not ce:
+        return o, Sf.reshape(S.shape), snaps
+    ckpts = jnp.moveaxis(ckpts.reshape((B, Hv, J) + S.shape[2:]), 2, 1)
+    return o, Sf.reshape(S.shape), snaps, ckpts
 
 
 def recurrent_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
                               use_qk_l2norm: bool = False, cu_seqlens=None,
                               num_snapshots: int = 0, state_layout: str = "kv",
-                              dot_precision=HIGHEST):
+                              dot_precision=HIGHEST, checkpoint_every: int = 0):
     """Token-by-token recurrence with one read and one write of the state per token.
 
     Same arguments and results as `reference_gated_delta_net` (packed sequences and
     snapshots included); with `state_layout="vk"` the initial state, final state and
     snapshots are `[.., Hv, V, K]` and the state is used in that layout, never transposed.
+    checkpoint_every=n > 0: also returns the states after every n tokens (as the reference).
     A donated state (`jax.jit(..., donate_argnums=...)`) is updated in place: a small state by
     one step per token (no loop for T = 1), a state over `BLOCK_BYTES` (not packed) one
     cache-sized block of heads at a time.
@@ -174,9 +184,10 @@ def recurrent_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     head_bytes = math.prod(S0.shape[2:]) * 4
     if (cu_seqlens is None and q.shape[1] > 0
             and _head_block(S0.shape[0] * S0.shape[1], head_bytes) < S0.shape[0] * S0.shape[1]):
-        o, S, snaps = _run_head_blocks(step, S0, xs, num_snapshots)
+        o, S, snaps, *ckpts = _run_head_blocks(step, S0, xs, num_snapshots, checkpoint_every)
     else:
-        o, S, snaps = run_tokens(step, S0, xs, cu_seqlens=cu_seqlens,
-                                 num_snapshots=num_snapshots)
+        o, S, snaps, *ckpts = run_tokens(step, S0, xs, cu_seqlens=cu_seqlens,
+                                         num_snapshots=num_snapshots,
+                                         checkpoint_every=checkpoint_every)
     o = o.astype(out_dtype)
-    return (o, S) if not num_snapshots else (o, S, snaps)
+    return (o, S, *([snaps] if num_snapshots else []), *ckpts)
