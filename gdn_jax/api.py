@@ -124,9 +124,14 @@ def _resolve_backend(backend: str, impl: str, interpret: bool, args, state_layou
                      _pallas_module(impl, fam).supports(q, k, v, g, beta, h0,
                                                         state_layout=state_layout, **kw))
                for fam in FAMILY_PLATFORM}
-    if checkpoint_every:  # computed by the XLA paths only
-        reasons = {fam: f"the Pallas kernels do not take checkpoint_every={checkpoint_every}"
-                   for fam in FAMILY_PLATFORM}
+    if checkpoint_every:  # the XLA paths, and the Triton chunked forward at chunk multiples
+        for fam in FAMILY_PLATFORM:
+            if impl == "chunked" and fam == "pallas_triton":
+                reasons[fam] = reasons[fam] or _pallas_module(impl, fam).checkpoint_support(
+                    checkpoint_every)
+            else:
+                reasons[fam] = (f"the {fam} {impl} kernel does not take "
+                                f"checkpoint_every={checkpoint_every}")
     asked = backend
     if interpret and backend in ("auto", "pallas"):
         # interpret mode: the Triton kernels' code on any platform ("auto" falls back to XLA)
@@ -283,10 +288,12 @@ def _forward(cfg: _Config, q, k, v, g, beta, h0, cu, idx, *, alias_state: bool):
                 return res[0], res[1], (res[2] if cfg.num_snapshots else None)
             return pallas_fn
 
+        ckpt_kw = {"checkpoint_every": cfg.checkpoint_every} if cfg.checkpoint_every else {}
+
         def per_sequence(q, k, v, g, beta, h0, cu):  # supports() declined "vk" already
-            o, ht = mod.chunked_forward(q, k, v, g, beta, h0, **kw,
-                                        **_varlen_kwargs(cu, impl="chunked"))
-            return o, ht, None
+            res = mod.chunked_forward(q, k, v, g, beta, h0, **kw, **ckpt_kw,
+                                      **_varlen_kwargs(cu, impl="chunked"))
+            return res[0], res[1], (res[2] if ckpt_kw else None)
         return _pooled(cfg, per_sequence)
 
     fn = _on_platform(cfg, family_fn, _xla_fn(cfg, cfg.impl))

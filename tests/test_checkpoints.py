@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gdn_jax import gated_delta_net, recurrent
-from helpers import Case, assert_no_pallas, make_inputs, numpy_reference, rel_err
+from helpers import Case, assert_no_pallas, assert_pallas, make_inputs, numpy_reference, rel_err
 
 TOL = 1e-4
 
@@ -191,7 +191,7 @@ def test_bad_checkpoint_every(bad, err):
 
 
 def test_conflicting_options_raise():
-    args, h0 = make_inputs(Case(T=8, K=8, V=8, h0=True))
+    args, h0 = make_inputs(Case(T=8, K=16, V=16, h0=True))
     with pytest.raises(ValueError, match="checkpoint_every and num_snapshots"):
         gated_delta_net(*args, checkpoint_every=2, num_snapshots=2)
     seg = jnp.ones((1, 8), jnp.int32)
@@ -238,3 +238,22 @@ def test_gradient_through_checkpoints_raises(impl):
     args, h0 = make_inputs(Case(T=12, B=1, K=8, V=8, h0=True))
     with pytest.raises(ValueError, match="gradients through the checkpoints"):
         jax.eval_shape(jax.grad(_loss(impl, 4, use_ckpts=True), tuple(range(6))), *args, h0)
+
+
+# The Pallas Triton chunked forward (interpret mode) at multiples of its chunk size 64: the
+# per-chunk states its state pass computes, stored. Each case has a checkpoint at a sequence's
+# end (taken from the final state) and one inside it (from a chunk's entering state).
+@pytest.mark.parametrize("n,lens,kda", [(64, None, False), (64, (70, 0, 128, 40), True)])
+def test_pallas_chunked_forward(n, lens, kda):
+    cu = None if lens is None else np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    T = 128 if cu is None else int(cu[-1])
+    B = 2 if cu is None else 1
+    args, _ = make_inputs(Case(kda=kda, T=T, B=B, K=16, V=16, Hk=1, group=2, weak=True))
+    N = B if cu is None else len(lens)
+    h0 = jnp.asarray(np.random.default_rng(4).standard_normal((N, 2, 16, 16)), jnp.float32)
+    kw = dict(initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True,
+              impl="chunked", backend="pallas", interpret=True, checkpoint_every=n,
+              cu_seqlens=None if cu is None else jnp.asarray(cu))
+    fn = jax.jit(lambda *a: gated_delta_net(*a, **kw))
+    assert_pallas(fn, *args)
+    _check(args, h0, n, fn(*args), cu_seqlens=cu, what=f"pallas n={n} {lens}")
