@@ -468,8 +468,9 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
         `[N, T // n, Hv, K, V]` (`[.., V, K]` for "vk"), float32: entry j of sequence n is its
         state after its token (j + 1) * n, zeros where that lies past a packed sequence's end;
         n > T gives an empty axis. Per sequence (with a pool, not written into it; zeros for
-        padding entries), whatever output_final_state. XLA paths only (backend="auto" falls
-        back to XLA, "pallas" raises); not with num_snapshots or segment_ids. Not
+        padding entries), whatever output_final_state. XLA paths, and the Triton chunked
+        kernel for n a multiple of 64 (elsewhere backend="auto" falls back to XLA and
+        "pallas" raises); not with num_snapshots or segment_ids. Not
         differentiable: a gradient that needs the checkpoints' cotangent raises, while
         gradients of o and the final state work when the checkpoints go unused.
         See docs/spec.md section 2.5a.
