@@ -54,7 +54,7 @@ class _Config:
     pool: bool = False  # h0 is a state pool indexed by state_indices
     families: tuple[str, ...] = ()
     dot_precision: str = "highest"  # XLA paths' data-state dots: "highest" or "default"
-    # > 0: the XLA paths also return the states after every checkpoint_every tokens, carried
+    # > 0: the forward also returns the states after every checkpoint_every tokens, carried
     # in the snapshots' place through _pooled / _gdn (the two are never asked for together)
     checkpoint_every: int = 0
 
