@@ -139,16 +139,25 @@ def from_aligned(y: jax.Array, layout: ChunkLayout, axis: int = 1) -> jax.Array:
     return jnp.take(y, layout.dst, axis=axis)
 
 
-def run_tokens(step, S0, xs, *, cu_seqlens=None, num_snapshots: int = 0):
+def run_tokens(step, S0, xs, *, cu_seqlens=None, num_snapshots: int = 0,
+               checkpoint_every: int = 0):
     """Drives a token-by-token `step` over B sequences or over packed sequences.
 
     step(S [B, ...], x_t) -> (S, o_t): one token for a batch of states (x_t: the xs sliced at
     one token, each `[B, ...]`). S0: the initial states `[N, ...]` (N = B without cu_seqlens).
     xs: tuple of `[B, T, ...]` arrays. Returns (o [B, T, ...], final [N, ...], snapshots
-    `[N, ns, ...]` or None), snapshots as in docs/spec.md section 2.5.
+    `[N, ns, ...]` or None), snapshots as in docs/spec.md section 2.5; with
+    `checkpoint_every=n > 0` (not with snapshots) also checkpoints `[N, T // n, ...]`, the
+    states after tokens n, 2n, ... of each sequence, zeros past a packed sequence's end
+    (docs/spec.md section 2.5b).
     """
     T = xs[0].shape[1]
     ns = int(num_snapshots)
+    ce = int(checkpoint_every)
+    if ce:
+        if ns:
+            raise ValueError("run_tokens takes num_snapshots or checkpoint_every, not both")
+        return _run_tokens_checkpointed(step, S0, xs, ce, cu_seqlens)
 
     def scan(S, xs_part, keep_states=False):
         def body(S, x_t):
@@ -197,3 +206,47 @@ def run_tokens(step, S0, xs, *, cu_seqlens=None, num_snapshots: int = 0):
     S_init = jnp.zeros((1,) + S0.shape[1:], S0.dtype)
     (_, finals, snaps), o = jax.lax.scan(body, (S_init, S0, snaps0), inputs)
     return jnp.moveaxis(o, 0, 1), finals, snaps
+
+
+def _run_tokens_checkpointed(step, S0, xs, n: int, cu_seqlens):
+    """`run_tokens` with checkpoints every n tokens: (o, final, None, checkpoints)."""
+    B, T = xs[0].shape[:2]
+    J = T // n
+    if cu_seqlens is None:
+        # the first J*n tokens as J blocks of n: an outer scan over blocks keeps the state
+        # after each block, an inner one runs the block's tokens
+        def block(S, xb):
+            o, S = run_tokens(step, S, xb)[:2]
+            return S, (o, S)
+
+        S, o_parts, ckpts = S0, [], jnp.zeros((J, B) + S0.shape[1:], S0.dtype)
+        if J:
+            xb = tuple(jnp.moveaxis(x[:, :J * n].reshape((B, J, n) + x.shape[2:]), 1, 0)
+                       for x in xs)
+            S, (ob, ckpts) = jax.lax.scan(block, S, xb)
+            o_parts.append(jnp.moveaxis(ob, 0, 1).reshape((B, J * n) + ob.shape[3:]))
+        if J * n < T:
+            o_rest, S = run_tokens(step, S, tuple(x[:, J * n:] for x in xs))[:2]
+            o_parts.append(o_rest)
+        o = o_parts[0] if len(o_parts) == 1 else jnp.concatenate(o_parts, axis=1)
+        return o, S, None, jnp.moveaxis(ckpts, 0, 1)
+
+    tab = token_table(cu_seqlens, T)
+    N = S0.shape[0]
+
+    def body(carry, inp):
+        S, finals, ckpts = carry
+        x_t, seq, first, last, pos = inp
+        S = jax.lax.cond(first, lambda: S0[seq][None], lambda: S)
+        S, o_t = step(S, x_t)
+        finals = jax.lax.cond(last, lambda: finals.at[seq].set(S[0]), lambda: finals)
+        ckpts = jax.lax.cond((pos + 1) % n == 0,
+                             lambda: ckpts.at[seq, (pos + 1) // n - 1].set(S[0], mode="drop"),
+                             lambda: ckpts)
+        return (S, finals, ckpts), o_t
+
+    inputs = (tuple(jnp.moveaxis(x, 1, 0) for x in xs), tab.seq, tab.first, tab.last, tab.pos)
+    S_init = jnp.zeros((1,) + S0.shape[1:], S0.dtype)
+    ckpts0 = jnp.zeros((N, J) + S0.shape[1:], S0.dtype)
+    (_, finals, ckpts), o = jax.lax.scan(body, (S_init, S0, ckpts0), inputs)
+    return jnp.moveaxis(o, 0, 1), finals, None, ckpts

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from ._common import Dims, check_inputs, default_scale
 from .gates import apply_segments, beta_from_raw, check_gate_args, gate_from_raw, segment_masks
@@ -54,6 +56,9 @@ class _Config:
     families: tuple[str, ...] = ()
     dot_precision: str = "highest"  # XLA paths' data-state dots: "highest" or "default"
     token_slots: int = 0  # W of a per-token write table [N, W] (speculative decoding), 0 for none
+    # > 0: the forward also returns the states after every checkpoint_every tokens, carried
+    # in the snapshots' place through _pooled / _gdn (the two are never asked for together)
+    checkpoint_every: int = 0
 
 
 def _resolve_impl(impl: str, dims: Dims, num_snapshots: int) -> str:
@@ -102,7 +107,7 @@ def _varlen_kwargs(cu_seqlens=None, state_indices=None, num_snapshots=0, *, impl
 
 
 def _resolve_backend(backend: str, impl: str, interpret: bool, args, state_layout: str,
-                     varlen: dict) -> tuple[str, tuple[str, ...]]:
+                     varlen: dict, checkpoint_every: int = 0) -> tuple[str, tuple[str, ...]]:
     """(backend, families) for `_Config`; raises if an explicit request cannot be served."""
     if impl == "reference":
         if backend != "auto" and backend != "xla":
@@ -123,6 +128,14 @@ def _resolve_backend(backend: str, impl: str, interpret: bool, args, state_layou
                      _pallas_module(impl, fam).supports(q, k, v, g, beta, h0,
                                                         state_layout=state_layout, **kw))
                for fam in FAMILY_PLATFORM}
+    if checkpoint_every:  # the XLA paths, and the Triton chunked forward at chunk multiples
+        for fam in FAMILY_PLATFORM:
+            if impl == "chunked" and fam == "pallas_triton":
+                reasons[fam] = reasons[fam] or _pallas_module(impl, fam).checkpoint_support(
+                    checkpoint_every)
+            else:
+                reasons[fam] = (f"the {fam} {impl} kernel does not take "
+                                f"checkpoint_every={checkpoint_every}")
     asked = backend
     if interpret and backend in ("auto", "pallas"):
         # interpret mode: the Triton kernels' code on any platform ("auto" falls back to XLA)
@@ -226,6 +239,8 @@ def _xla_fn(cfg: _Config, impl: str):
     ns = cfg.num_snapshots or cfg.token_slots  # per-token slots: the states after each token
     if ns:
         path = functools.partial(path, num_snapshots=ns)
+    if cfg.checkpoint_every:
+        path = functools.partial(path, checkpoint_every=cfg.checkpoint_every)
     # The fast paths compute in the caller's layout; the reference (the oracle) sees "kv".
     native = impl != "reference"
     if native:
@@ -244,7 +259,7 @@ def _xla_fn(cfg: _Config, impl: str):
         h0 = jnp.zeros(shape, jnp.float32) if h0 is None else to_path(h0)
         res = path(q, k, v, g, beta, h0, **({} if cu is None else {"cu_seqlens": cu}))
         o, ht = res[:2]
-        snaps = res[2] if ns else None
+        snaps = res[2] if (ns or cfg.checkpoint_every) else None
         return o, to_path(ht), to_path(snaps)
 
     pooled = _pooled(cfg, per_sequence)
@@ -259,7 +274,8 @@ def _xla_fn(cfg: _Config, impl: str):
         return _zero_padding_tokens(res[0], idx, None), res[1], snaps
 
     def fn(q, k, v, g, beta, h0, cu, idx):
-        if cfg.pool and impl == "recurrent" and cu is None and not cfg.token_slots:
+        if (cfg.pool and impl == "recurrent" and cu is None and not cfg.token_slots
+                and not cfg.checkpoint_every):
             o, ht, snaps = in_place_pool(q, k, v, g, beta, h0, idx)
         else:
             o, ht, snaps = pooled(q, k, v, g, beta, h0, cu, idx)
@@ -300,10 +316,12 @@ def _forward(cfg: _Config, q, k, v, g, beta, h0, cu, idx, *, alias_state: bool):
                 return res[0], res[1], (res[2] if cfg.num_snapshots else None)
             return pallas_fn
 
+        ckpt_kw = {"checkpoint_every": cfg.checkpoint_every} if cfg.checkpoint_every else {}
+
         def per_sequence(q, k, v, g, beta, h0, cu):  # supports() declined "vk" already
-            o, ht = mod.chunked_forward(q, k, v, g, beta, h0, **kw,
-                                        **_varlen_kwargs(cu, impl="chunked"))
-            return o, ht, None
+            res = mod.chunked_forward(q, k, v, g, beta, h0, **kw, **ckpt_kw,
+                                      **_varlen_kwargs(cu, impl="chunked"))
+            return res[0], res[1], (res[2] if ckpt_kw else None)
         return _pooled(cfg, per_sequence)
 
     fn = _on_platform(cfg, family_fn, _xla_fn(cfg, cfg.impl))
@@ -313,6 +331,9 @@ def _forward(cfg: _Config, q, k, v, g, beta, h0, cu, idx, *, alias_state: bool):
 def _xla_backward(cfg: _Config, inputs, h0, cu, idx, cotangents):
     """Gradients by autodiff of a memory-lean XLA path on the saved inputs."""
     impl = cfg.impl
+    if cfg.checkpoint_every:  # no gradient through checkpoints (_checkpoints_without_grad)
+        cfg = dataclasses.replace(cfg, checkpoint_every=0)
+        cotangents = (*cotangents[:2], None)
     if impl == "recurrent" and inputs[0].shape[1] > RECURRENT_BWD_MAX_T and not cfg.num_snapshots:
         impl = "chunked"
     fn = _xla_fn(cfg, impl)
@@ -385,7 +406,7 @@ _gdn.defvjp(_gdn_fwd, _gdn_bwd)
 
 
 def _empty_call(q, v, initial_state, cu_seqlens, state_indices, dims, *, output_final_state,
-                num_snapshots, state_layout):
+                num_snapshots, state_layout, checkpoint_every=0):
     """T == 0: nothing runs; every sequence's state passes through unchanged."""
     B, _, _, Hv, K, V, _, N = dims
     o = jnp.zeros((B, 0, Hv, V), q.dtype)
@@ -402,6 +423,8 @@ def _empty_call(q, v, initial_state, cu_seqlens, state_indices, dims, *, output_
         if state_indices is not None and state_indices.write is not None and \
                 state_indices.write.ndim == 1:  # a per-token table has no token to write
             ht = _scatter_slots(initial_state, state_indices, per_seq)
+    if checkpoint_every:
+        return o, ht, jnp.zeros((N, 0) + shape[1:], jnp.float32)
     if not num_snapshots:
         return o, ht
     return o, ht, jnp.broadcast_to(per_seq[:, None], (N, num_snapshots) + shape[1:])
@@ -415,7 +438,8 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
                     dt_bias=None, lower_bound: float | None = None,
                     use_beta_sigmoid_in_kernel: bool = False, segment_ids=None,
                     precision: str = "auto", output_state_indices=None,
-                    has_initial_state=None, num_accepted_tokens=None):
+                    has_initial_state=None, num_accepted_tokens=None,
+                    checkpoint_every: int | None = None):
     """The gated delta rule (GDA or KDA) over T tokens of B independent sequences.
 
     Args:
@@ -485,9 +509,20 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
         outputs, the state passes through unchanged). A row's first real token continues from
         the row's initial state; the final state is the state after the row's last real token.
         May be traced. Not with cu_seqlens, state_indices or num_snapshots.
+      checkpoint_every: a positive Python int n (prefix caching): also return `checkpoints`
+        `[N, T // n, Hv, K, V]` (`[.., V, K]` for "vk"), float32: entry j of sequence n is its
+        state after its token (j + 1) * n, zeros where that lies past a packed sequence's end;
+        n > T gives an empty axis. Per sequence (with a pool, not written into it; zeros for
+        padding entries), whatever output_final_state. XLA paths, and the Triton chunked
+        kernel for n a multiple of 64 (elsewhere backend="auto" falls back to XLA and
+        "pallas" raises); not with num_snapshots or segment_ids. Not
+        differentiable: a gradient that needs the checkpoints' cotangent raises, while
+        gradients of o and the final state work when the checkpoints go unused.
+        See docs/spec.md section 2.5b.
 
     Returns:
-      `(o, final_state)`, or `(o, final_state, snapshots)` when `num_snapshots > 0`: o
+      `(o, final_state)`, or `(o, final_state, snapshots)` when `num_snapshots > 0`, or
+      `(o, final_state, checkpoints)` with `checkpoint_every`: o
       `[B, T, Hv, V]` in q's dtype; final_state in initial_state's dtype (float32 without one)
       and `state_layout` (the pool with
       `state_indices`), or None when `output_final_state` is False.
@@ -534,6 +569,7 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
     _check_serving(None if token_slots else output_state_indices, has_initial_state,
                    state_indices, dims.N, initial_state)
     num_snapshots = int(num_snapshots)
+    checkpoint_every = _check_checkpoint_every(checkpoint_every, num_snapshots, segment_ids)
     impl = _resolve_impl(impl, dims, num_snapshots)  # option conflicts raise even at T == 0
     if token_slots and impl == "chunked":  # "auto" past RECURRENT_MAX_T: tokens one by one
         impl = "recurrent"
@@ -546,19 +582,24 @@ def gated_delta_net(q, k, v, g, beta, *, scale: float | None = None, initial_sta
     if dims.T == 0:  # nothing to run: the states pass through
         return _empty_call(q, v, initial_state, cu_seqlens, state_indices, dims,
                            output_final_state=output_final_state, num_snapshots=num_snapshots,
-                           state_layout=state_layout)
+                           state_layout=state_layout, checkpoint_every=checkpoint_every)
     varlen = dict(cu_seqlens=cu_seqlens, num_snapshots=num_snapshots,
                   **({} if state_indices is None else dict(zip(
                       ("state_indices", "output_state_indices", "has_initial_state"),
                       state_indices))))
     backend, families = _resolve_backend(backend, impl, interpret,
-                                         (q, k, v, g, beta, initial_state), state_layout, varlen)
+                                         (q, k, v, g, beta, initial_state), state_layout, varlen,
+                                         checkpoint_every)
     cfg = _Config(impl, backend, default_scale(scale, dims.K), use_qk_l2norm_in_kernel,
                   output_final_state, state_layout, interpret, num_snapshots,
-                  state_indices is not None, families, dot_precision, token_slots)
+                  state_indices is not None, families, dot_precision, token_slots=token_slots,
+                  checkpoint_every=checkpoint_every)
     o, ht, snaps = _gdn(cfg, q, k, v, g, beta, initial_state, cu_seqlens, state_indices)
     if seg_masks is not None:
         o = jnp.where(seg_masks[1][..., None, None], jnp.zeros((), o.dtype), o)
+    if checkpoint_every:
+        o, ht, _ = _named_outputs(o, ht, None)
+        return o, ht, _checkpoints_without_grad(checkpoint_name(snaps, CHECKPOINTS_NAME))
     o, ht, snaps = _named_outputs(o, ht, snaps)
     return (o, ht) if not num_snapshots else (o, ht, snaps)
 
@@ -634,3 +675,48 @@ def _named_outputs(o, ht, snaps):
     return (checkpoint_name(o, REMAT_NAMES[0]),
             None if ht is None else checkpoint_name(ht, REMAT_NAMES[1]),
             None if snaps is None else checkpoint_name(snaps, REMAT_NAMES[2]))
+
+CHECKPOINTS_NAME = "gdn_checkpoints"  # the remat name of the checkpoints output
+
+
+def _check_checkpoint_every(n, num_snapshots: int, segment_ids) -> int:
+    """checkpoint_every as an int (0 for None); raises at trace time on a bad value or a
+    conflicting option."""
+    if n is None:
+        return 0
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"checkpoint_every must be a positive Python int or None, got {n!r} of "
+                        f"type {type(n).__name__}")
+    if n <= 0:
+        raise ValueError(f"checkpoint_every must be a positive int, got checkpoint_every={n}")
+    if num_snapshots:
+        raise ValueError("checkpoint_every and num_snapshots cannot be combined: checkpoints are "
+                         "the states after every n tokens of a prefill, snapshots the states after "
+                         "the last tokens of a decode step; pass one")
+    if segment_ids is not None:
+        raise ValueError("checkpoint_every with segment_ids is not supported (checkpoints are per "
+                         "sequence; use cu_seqlens)")
+    return int(n)
+
+
+@functools.partial(jax.custom_vjp)
+def _checkpoints_without_grad(ckpts):
+    """Identity whose backward raises unless the checkpoints' cotangent is a symbolic zero
+    (they were not used by what is differentiated)."""
+    return ckpts
+
+
+def _checkpoints_fwd(ckpts):
+    return ckpts.value, None
+
+
+def _checkpoints_bwd(_, ct):
+    if not isinstance(ct, jax.custom_derivatives.SymbolicZero):
+        raise ValueError("gated_delta_net: gradients through the checkpoints (checkpoint_every) "
+                         "are not supported; differentiate o and the final state only (the "
+                         "checkpoints may be returned, but must not reach the differentiated "
+                         "value)")
+    return (None,)
+
+
+_checkpoints_without_grad.defvjp(_checkpoints_fwd, _checkpoints_bwd, symbolic_zeros=True)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from ._common import HIGHEST, prepare
-from ._varlen import chunk_layout, from_aligned, to_aligned
+from ._varlen import _sequence_chunks, chunk_layout, from_aligned, to_aligned
 
 SUB = 16  # KDA sub-block size and block size of the triangular solve
 
@@ -95,7 +95,8 @@ def _kda_pair_terms(k, q, b, Gc, precision=HIGHEST):
 
 def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
                             use_qk_l2norm: bool = False, chunk_size: int = 64, cu_seqlens=None,
-                            state_layout: str = "kv", dot_precision=HIGHEST):
+                            state_layout: str = "kv", dot_precision=HIGHEST,
+                            checkpoint_every: int = 0):
     """Chunk-parallel gated delta rule; GDA or KDA by the shape of g.
 
     q, k: [B, T, Hk, K]; v: [B, T, Hv, V]; g: [B, T, Hv] (GDA) or [B, T, Hv, K] (KDA);
@@ -116,6 +117,12 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
 
     dot_precision: the precision of the dots between data and state (k k^T, q k^T, the state
     products, P Vn); the gate cumsums and the triangular solve always use HIGHEST.
+
+    checkpoint_every=n > 0: also returns checkpoints `[N, T // n, Hv, K, V]` (docs/spec.md
+    section 2.5b). A ragged T is then padded at the back, so every chunk starts at a multiple
+    of C in its sequence. When C divides n the checkpoints are per-chunk states the scan
+    computes anyway; otherwise each chunk also forms the states at its checkpoint positions
+    from its start state and corrected values (`_chunk_checkpoints`).
     """
     if chunk_size <= 0 or chunk_size % SUB:
         raise ValueError(f"chunk_size must be a positive multiple of {SUB}, got {chunk_size}")
@@ -126,6 +133,8 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     G = Hv // Hk
     kda = g.ndim == 4
     C = min(chunk_size, -(-T // SUB) * SUB)
+    ce = int(checkpoint_every)
+    at_chunk_ends = ce > 0 and ce % C == 0  # the checkpoints are per-chunk states
     layout = None
     if cu_seqlens is not None:
         # chunk-aligned packing; identity tokens (all zero) fill each sequence's last chunk
@@ -140,8 +149,10 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     # Pad at the FRONT: padding tokens (g = beta = 0, q = k = v = 0) leave the state unchanged,
     # get exactly-zero cotangents, and the last real token stays last in its chunk (its decay
     # to itself stays the constant 1).
+    # With checkpoints, at the back (the same identity tokens) so chunks start at multiples of C.
     def padt(x):
-        return jnp.pad(x, [(0, 0), (pad, 0)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+        where = (0, pad) if ce else (pad, 0)
+        return jnp.pad(x, [(0, 0), where] + [(0, 0)] * (x.ndim - 2)) if pad else x
     q, k, v, g, beta = (padt(x) for x in (q, k, v, g, beta))
     i = jnp.arange(C)
     strictf = (i[:, None] > i[None, :]).astype(jnp.float32)
@@ -153,6 +164,9 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     vk = state_layout == "vk"
     s_shape = (V, K) if vk else (K, V)
     h0_all = initial_state.astype(jnp.float32).reshape((N, Hk, G) + s_shape)
+    J = T // ce if ce else 0
+    if ce and not at_chunk_ends:
+        ck_pos, ck_seq, ck_idx = _checkpoint_positions(ce, C, NC, T, B, layout, cu_seqlens)
 
     def step(S, n):
         if layout is not None:  # a sequence's first chunk starts from its own initial state
@@ -204,23 +218,109 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
         X = b_c[..., None] * v_c - Y[..., :C, :]
         Vn = _solve_unit_lower(A, X)
         o_c = Y[..., C:, :] + _dot("...ij,...jv->...iv", P, Vn, dot_precision)
+        ys = {}
+        if ce and not at_chunk_ends:
+            ys["ck"] = _chunk_checkpoints(S, k_c, Vn, G_c, ck_pos[n], kda=kda, vk=vk,
+                                          precision=dot_precision)
         if vk:
             S = jnp.swapaxes(dec, -1, -2) * S + _dot("...cv,...ck->...vk", Vn, kd, dot_precision)
         else:
             S = dec * S + _dot("...ck,...cv->...kv", kd, Vn, dot_precision)
-        o_c = o_c.transpose(0, 3, 1, 2, 4).reshape(B, C, Hv, V)
-        return S, ((o_c, S[0]) if layout is not None else o_c)
+        ys["o"] = o_c.transpose(0, 3, 1, 2, 4).reshape(B, C, Hv, V)
+        if layout is not None or at_chunk_ends:
+            ys["S"] = S
+        return S, ys
 
     # jax.checkpoint: the backward recomputes each chunk's body from the stored per-chunk
     # state (memory O(T/C * K * V)); it is also faster here than storing the residuals.
+    def checkpoints(ys):
+        """`[N, J, Hv, ..]` from the per-chunk states (C divides n) or checkpoint states."""
+        if not at_chunk_ends:  # ys["ck"]: [NC, M, B, Hk, G, ..], scattered to (ck_seq, ck_idx)
+            ck = jnp.moveaxis(ys["ck"], 2, 0).reshape((B * NC * ck_pos.shape[1], Hv) + s_shape)
+            out = jnp.zeros((N, J, Hv) + s_shape, jnp.float32)
+            return out.at[ck_seq.reshape(-1), ck_idx.reshape(-1)].set(ck, mode="drop")
+        r = ce // C  # checkpoint j: the state after chunk (j + 1) r - 1 of its sequence
+        states = ys["S"].reshape((NC, B, Hv) + s_shape)
+        if layout is None:
+            return jnp.moveaxis(states[r - 1::r][:J], 0, 1)
+        j = jnp.arange(J, dtype=jnp.int32)
+        start = _sequence_chunks(cu_seqlens.astype(jnp.int32), C)[2]
+        c = jnp.clip(start[:, None] + (j + 1) * r - 1, 0, NC - 1)
+        valid = ((j + 1) * ce <= layout.lens[:, None])[..., None, None, None]
+        return jnp.where(valid, jnp.take(states[:, 0], c, axis=0), 0.0)
+
+    ckpts = ()
     if layout is None:
-        S, o = jax.lax.scan(jax.checkpoint(step), h0_all, jnp.arange(NC))  # o: [NC, B, C, Hv, V]
-        o = jnp.moveaxis(o, 0, 1).reshape(B, Tp, Hv, V)[:, pad:]
-        return o.astype(out_dtype), S.reshape((B, Hv) + s_shape).astype(initial_state.dtype)
+        S, ys = jax.lax.scan(jax.checkpoint(step), h0_all, jnp.arange(NC))  # o: [NC, B, C, Hv, V]
+        o = jnp.moveaxis(ys["o"], 0, 1).reshape(B, Tp, Hv, V)
+        o = o[:, :T] if ce else o[:, pad:]
+        if ce:
+            ckpts = (checkpoints(ys).astype(initial_state.dtype),)
+        return (o.astype(out_dtype), S.reshape((B, Hv) + s_shape).astype(initial_state.dtype),
+                *ckpts)
     S_in = jnp.zeros((1, Hk, G) + s_shape, jnp.float32)
-    _, (o, states) = jax.lax.scan(jax.checkpoint(step), S_in, jnp.arange(NC))
-    o = from_aligned(jnp.moveaxis(o, 0, 1).reshape(1, Tp, Hv, V), layout)
+    _, ys = jax.lax.scan(jax.checkpoint(step), S_in, jnp.arange(NC))
+    o = from_aligned(jnp.moveaxis(ys["o"], 0, 1).reshape(1, Tp, Hv, V), layout)
     # each sequence's final state: the state after its last chunk (its initial one if empty)
-    ends = jnp.take(states, jnp.maximum(layout.last_chunk, 0), axis=0)
+    ends = jnp.take(ys["S"][:, 0], jnp.maximum(layout.last_chunk, 0), axis=0)
     final = jnp.where((layout.last_chunk >= 0)[:, None, None, None, None], ends, h0_all)
-    return o.astype(out_dtype), final.reshape((N, Hv) + s_shape).astype(initial_state.dtype)
+    if ce:
+        ckpts = (checkpoints(ys).astype(initial_state.dtype),)
+    return (o.astype(out_dtype), final.reshape((N, Hv) + s_shape).astype(initial_state.dtype),
+            *ckpts)
+
+
+def _checkpoint_positions(n: int, C: int, NC: int, T: int, B: int, layout, cu_seqlens):
+    """Where each chunk's checkpoints lie when C does not divide n: (pos [NC, M], the in-chunk
+    position of each of its M possible checkpoints, clipped to C - 1; seq [B * NC * M] and
+    idx, their sequence and checkpoint index, N and J where none, so a scatter drops them).
+    Chunk c starts at token s_c of its sequence (chunks start at multiples of C there)."""
+    M = min(C, -(-C // n))  # at most this many multiples of n among C consecutive tokens
+    J = T // n
+    c = jnp.arange(NC, dtype=jnp.int32)
+    if layout is None:
+        s, L, seq = c * C, jnp.full((NC,), T, jnp.int32), None
+    else:
+        N = cu_seqlens.shape[0] - 1
+        start = _sequence_chunks(cu_seqlens.astype(jnp.int32), C)[2]
+        cs = jnp.minimum(layout.chunk_seq, N - 1)
+        s = (c - start[cs]) * C
+        L = jnp.where(layout.chunk_seq < N, layout.lens[cs], 0)
+        seq = layout.chunk_seq
+    j = s[:, None] // n + jnp.arange(M, dtype=jnp.int32)   # [NC, M] checkpoint indices
+    pos = (j + 1) * n - 1 - s[:, None]
+    valid = (pos < C) & ((j + 1) * n <= L[:, None])
+    idx = jnp.where(valid, j, J)
+    if layout is None:  # B sequences: (b, c, m) flattened
+        seq_all = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None, None], (B, NC, M))
+        idx_all = jnp.broadcast_to(idx[None], (B, NC, M))
+    else:
+        seq_all = jnp.where(valid, seq[:, None], cu_seqlens.shape[0] - 1)[None]
+        idx_all = idx[None]
+    return jnp.minimum(pos, C - 1), seq_all, idx_all
+
+
+def _chunk_checkpoints(S, k, Vn, Gc, pos, *, kda: bool, vk: bool, precision):
+    """The states after the tokens at in-chunk positions pos [M] of one chunk:
+    S_r = exp(G_r) S + sum_{j <= r} exp(G_r - G_j) k_j Vn_j^T, r = pos[m].
+
+    S: the chunk's start state [B, Hk, G, K, V] ([.., V, K] when vk); k: [B, Hk, C, K];
+    Vn: the corrected values [B, Hk, G, C, V]; Gc: in-chunk cumulative gates [B, Hk, G, C]
+    (GDA) or [B, Hk, G, C, K] (KDA). Returns [M, B, Hk, G, K, V] (or [.., V, K])."""
+    C = k.shape[-2]
+    mask = (jnp.arange(C)[None, :] <= pos[:, None]).astype(jnp.float32)   # [M, C]
+    if kda:
+        Gr = jnp.take(Gc, pos, axis=-2)                                    # [B, Hk, G, M, K]
+        D = jnp.exp((Gr[..., :, None, :] - Gc[..., None, :, :]) * mask[..., None]) * mask[..., None]
+        W = D * k[:, :, None, None]                                         # [B, Hk, G, M, C, K]
+        decay = jnp.exp(Gr)[..., None, :] if vk else jnp.exp(Gr)[..., :, None]
+    else:
+        Gr = jnp.take(Gc, pos, axis=-1)                                    # [B, Hk, G, M]
+        D = jnp.exp((Gr[..., :, None] - Gc[..., None, :]) * mask) * mask   # [B, Hk, G, M, C]
+        W = D[..., None] * k[:, :, None, None]
+        decay = jnp.exp(Gr)[..., None, None]
+    if vk:
+        add = _dot("...cv,...mck->...mvk", Vn, W, precision)
+    else:
+        add = _dot("...mck,...cv->...mkv", W, Vn, precision)
+    return jnp.moveaxis(decay * S[..., None, :, :] + add, 3, 0)

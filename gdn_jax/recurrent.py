@@ -115,7 +115,8 @@ def _head_block(num_heads: int, head_bytes: int) -> int:
     return max(c for c in range(1, min(fit, num_heads) + 1) if num_heads % c == 0)
 
 
-def _run_head_blocks(step, S, xs, num_snapshots: int = 0, slots=None):
+def _run_head_blocks(step, S, xs, num_snapshots: int = 0, slots=None,
+                     checkpoint_every: int = 0):
     """`run_tokens` for B sequences (not packed), one block of value heads at a time.
 
     The state `[B, Hv, ..]` is viewed as B*Hv single-head sequences (a free reshape); q and k
@@ -123,8 +124,8 @@ def _run_head_blocks(step, S, xs, num_snapshots: int = 0, slots=None):
     slices one block of heads, runs all its tokens (`run_tokens`, snapshots included), and
     writes it back in place (`dynamic_update_slice` on the loop carry, so a donated state is
     updated in place). The carry keeps S's dtype (a 16-bit state is widened to float32 one
-    block at a time). Returns (o, final state, snapshots or None) as run_tokens does, the
-    states in S's dtype.
+    block at a time). Returns (o, final state, snapshots or None[, checkpoints]) as
+    run_tokens does, the states in S's dtype.
 
     slots = (read, write, has): S is then a pool `[P, Hv, ..]` and sequence n's blocks are read
     from slot read[n] (zeros for -1 or has[n] False) and written to slot write[n] (read[n] when
@@ -139,6 +140,8 @@ def _run_head_blocks(step, S, xs, num_snapshots: int = 0, slots=None):
     G = Hv // Hk
     ns = int(num_snapshots)
     tail = S.shape[2:]
+    ce = int(checkpoint_every)
+    J = T // ce if ce else 0
 
     def per_head(x, repeat=False):  # [B, T, H, ..] -> [N, T, ..]
         if repeat:
@@ -150,9 +153,9 @@ def _run_head_blocks(step, S, xs, num_snapshots: int = 0, slots=None):
     # copies the whole state into and out of the loop
     flat = (per_head(q, True), per_head(k, True), per_head(v), per_head(g), per_head(beta))
     head_bytes = math.prod(tail) * 4
-    # A 16-bit state rides the loop as its bits (uint16): XLA CPU widens bfloat16 / float16
-    # selects and dynamic-update-slices to float32 over the whole operand, a full convert of
-    # the state per block; on integers they stay in place.
+    # A bfloat16 state rides the loop as its bits (uint16): XLA CPU widens bfloat16 selects and
+    # dynamic-update-slices to float32 over the whole operand (a full convert of the state per
+    # block; float16 ones it runs natively); on integers they stay in place.
     sd = S.dtype
     bits = jnp.uint16 if jnp.dtype(sd) == jnp.dtype(jnp.bfloat16) else None
     if bits is not None:
@@ -201,43 +204,50 @@ def _run_head_blocks(step, S, xs, num_snapshots: int = 0, slots=None):
         return jax.lax.dynamic_update_slice(Sf, jnp.where(wvalid[n], new, old)[None], at)
 
     def block(i, carry):
-        Sf, o, snaps = carry
+        Sf, o, snaps, ckpts = carry
         xb = tuple(jax.lax.dynamic_slice_in_dim(x, i * c, c, 0)[:, :, None] for x in flat)
         Sb = widen(load(Sf, i)[:, None])
-        ob, Sb, sb = run_tokens(lambda S_, x_t: step(S_, x_t, cached=True), Sb, xb,
-                                num_snapshots=ns)
+        ob, Sb, sb, *cb = run_tokens(lambda S_, x_t: step(S_, x_t, cached=True), Sb, xb,
+                                     num_snapshots=ns, checkpoint_every=ce)
         Sf = store(Sf, i, narrow(Sb[:, 0]))
         o = jax.lax.dynamic_update_slice_in_dim(o, ob[:, :, 0], i * c, 0)
         if ns:
             snaps = jax.lax.dynamic_update_slice_in_dim(snaps, narrow(sb[:, :, 0]), i * c, 0)
-        return Sf, o, snaps
+        if ce:
+            ckpts = jax.lax.dynamic_update_slice_in_dim(ckpts, narrow(cb[0][:, :, 0]), i * c, 0)
+        return Sf, o, snaps, ckpts
 
     o0 = jnp.zeros((N, T, v.shape[-1]), jnp.float32)
     snaps0 = jnp.zeros((N, ns) + tail, S.dtype) if ns else None
-    Sf, o, snaps = jax.lax.fori_loop(0, N // c, block, (Sf, o0, snaps0))
+    ckpts0 = jnp.zeros((N, J) + tail, S.dtype) if ce else None
+    Sf, o, snaps, ckpts = jax.lax.fori_loop(0, N // c, block, (Sf, o0, snaps0, ckpts0))
     o = jnp.moveaxis(o.reshape(B, Hv, T, -1), 1, 2)
     Sf = Sf.reshape(S.shape)
     if ns:
         snaps = jnp.moveaxis(snaps.reshape((B, Hv, ns) + tail), 2, 1)
+    if ce:
+        ckpts = jnp.moveaxis(ckpts.reshape((B, Hv, J) + tail), 2, 1)
     if bits is not None:
         Sf = jax.lax.bitcast_convert_type(Sf, sd)
         snaps = None if snaps is None else jax.lax.bitcast_convert_type(snaps, sd)
-    return o, Sf, snaps
+        ckpts = None if ckpts is None else jax.lax.bitcast_convert_type(ckpts, sd)
+    return (o, Sf, snaps) if not ce else (o, Sf, snaps, ckpts)
 
 
 def recurrent_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
                               use_qk_l2norm: bool = False, cu_seqlens=None,
                               num_snapshots: int = 0, state_layout: str = "kv",
-                              dot_precision=HIGHEST, slots=None):
+                              dot_precision=HIGHEST, slots=None, checkpoint_every: int = 0):
     """Token-by-token recurrence with one read and one write of the state per token.
 
     Same arguments and results as `reference_gated_delta_net` (packed sequences and
     snapshots included); with `state_layout="vk"` the initial state, final state and
     snapshots are `[.., Hv, V, K]` and the state is used in that layout, never transposed.
-    The state may be float32, bfloat16 or float16: the maths is float32, the final state and
-    snapshots are stored in the initial state's dtype (round to nearest).
+    The state may be float32, bfloat16 or float16: the maths is float32, the final state,
+    snapshots and checkpoints are stored in the initial state's dtype (round to nearest).
     slots = (read, write, has) (B sequences, not packed): initial_state is a pool `[P, ..]`,
     read and written in place per sequence (`_run_head_blocks`); returns the pool.
+    checkpoint_every=n > 0: also returns the states after every n tokens (as the reference).
     A donated state (`jax.jit(..., donate_argnums=...)`) is updated in place: a small state by
     one step per token (no loop for T = 1), a state over `BLOCK_BYTES` (not packed) one
     cache-sized block of heads at a time.
@@ -257,14 +267,18 @@ def recurrent_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     if slots is not None:
         if cu_seqlens is not None:
             raise ValueError("slots: a state pool here takes B sequences, not cu_seqlens")
-        o, S, snaps = _run_head_blocks(step, initial_state, xs, num_snapshots, slots)
+        o, S, snaps, *ckpts = _run_head_blocks(step, initial_state, xs, num_snapshots,
+                                               slots=slots, checkpoint_every=checkpoint_every)
     elif (cu_seqlens is None and q.shape[1] > 0
             and _head_block(num_heads, head_bytes) < num_heads):
-        o, S, snaps = _run_head_blocks(step, initial_state, xs, num_snapshots)
+        o, S, snaps, *ckpts = _run_head_blocks(step, initial_state, xs, num_snapshots,
+                                               checkpoint_every=checkpoint_every)
     else:
-        o, S, snaps = run_tokens(step, initial_state.astype(jnp.float32), xs,
-                                 cu_seqlens=cu_seqlens, num_snapshots=num_snapshots)
+        o, S, snaps, *ckpts = run_tokens(step, initial_state.astype(jnp.float32), xs,
+                                         cu_seqlens=cu_seqlens, num_snapshots=num_snapshots,
+                                         checkpoint_every=checkpoint_every)
         S = S.astype(sd)
         snaps = None if snaps is None else snaps.astype(sd)
+        ckpts = [c.astype(sd) for c in ckpts]
     o = o.astype(out_dtype)
-    return (o, S) if not num_snapshots else (o, S, snaps)
+    return (o, S, *([snaps] if num_snapshots else []), *ckpts)

@@ -13,14 +13,15 @@ from ._varlen import run_tokens
 
 def reference_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
                               use_qk_l2norm: bool = False, cu_seqlens=None,
-                              num_snapshots: int = 0):
+                              num_snapshots: int = 0, checkpoint_every: int = 0):
     """Runs the recurrence of docs/spec.md section 1 literally, one token at a time.
 
     Args: canonical arrays (see `gdn_jax._common`); `initial_state` is `[N, Hv, K, V]`
     float32, bfloat16 or float16 (N = B, or the number of packed sequences with `cu_seqlens`,
     B == 1). Returns `(o [B, T, Hv, V] in q.dtype, final_state [N, Hv, K, V])`, plus
     snapshots `[N, num_snapshots, Hv, K, V]` when `num_snapshots > 0` (docs/spec.md section
-    2.5); the maths is float32, states are stored in initial_state's dtype.
+    2.5), or checkpoints `[N, T // n, Hv, K, V]` when `checkpoint_every=n > 0` (section 2.5b);
+    the maths is float32, states are stored in initial_state's dtype.
     """
     out_dtype = q.dtype
     q, k, v, g, beta = prepare(q, k, v, g, beta, use_qk_l2norm=use_qk_l2norm)
@@ -39,7 +40,9 @@ def reference_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
         o_t = jnp.einsum("bhkv,bhk->bhv", S, q_t * scale, precision=HIGHEST)
         return S, o_t
 
-    o, S, snaps = run_tokens(step, initial_state.astype(jnp.float32), (q, k, v, g, beta),
-                             cu_seqlens=cu_seqlens, num_snapshots=num_snapshots)
-    o, S = o.astype(out_dtype), S.astype(initial_state.dtype)
-    return (o, S) if not num_snapshots else (o, S, snaps.astype(initial_state.dtype))
+    o, S, snaps, *ckpts = run_tokens(step, initial_state.astype(jnp.float32),
+                                     (q, k, v, g, beta), cu_seqlens=cu_seqlens,
+                                     num_snapshots=num_snapshots, checkpoint_every=checkpoint_every)
+    sd = initial_state.dtype
+    o, S = o.astype(out_dtype), S.astype(sd)
+    return (o, S, *([snaps.astype(sd)] if num_snapshots else []), *(c.astype(sd) for c in ckpts))

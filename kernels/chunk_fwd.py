@@ -19,13 +19,15 @@ from ._chunk_varlen import (_fill_empty, _load_state_if, _seq_flags, _state_spec
 
 
 def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, store_states,
-                  varlen=False, N=1, kda=False):
+                  varlen=False, N=1, kda=False, store_vn=True):
     """The sequential forward pass of one (sequence, value head, V-block).
 
     varlen: refs start with the chunk tables; the loop runs over the nused aligned chunks, the
     state becomes the sequence's initial state (h0[n] or zeros) at each sequence's first chunk
     and is stored as its final state after its last chunk (h0 / ht are [N, K, BV] blocks).
+    store_vn: with store_states, also store Vn (the backward reads it; checkpoints do not).
     """
+    store_vn = store_states and store_vn
     it = iter(refs)
     ctab_ref, nused_ref, empty_ref = (next(it) for _ in range(3)) if varlen else (None,) * 3
     q_ref, k_ref, g_ref, w_ref, u_ref = (next(it) for _ in range(5))
@@ -34,7 +36,7 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
     o_ref = next(it) if store_o else None
     ht_ref = next(it) if store_ht else None
     hs_ref = next(it) if store_states else None
-    vn_ref = next(it) if store_states else None
+    vn_ref = next(it) if store_vn else None
     K = q_ref.shape[-1]
     BV = u_ref.shape[-1]
     if varlen:   # the first chunk is always a sequence's first chunk: it loads the state
@@ -84,7 +86,7 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
         W = _rows(w_ref, t0, C, T_)
         U = _rows(u_ref, t0, C, T_).astype(F32)
         Vn = U - _dot(W, S, lp=lp)
-        if store_states:   # the backward's gradient kernel reads Vn instead of recomputing it
+        if store_vn:   # the backward's gradient kernel reads Vn instead of recomputing it
             _store_rows(vn_ref, t0, Vn, T_)
         if store_o:
             q = _rows(q_ref, t0, C, T_).astype(F32)
@@ -113,9 +115,9 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
 
 
 def _state_call(q, k, g, W, U, h0, *, Hv, scale, l2, lp, store_o, store_ht, store_states,
-                interpret, tabs=None, num_warps=8, P=None, state_dtype=F32):
+                interpret, tabs=None, num_warps=8, P=None, state_dtype=F32, store_vn=True):
     """(o, ht) as asked; store_states (backward): (hs [B, Hv, NC, K, V] in state_dtype, the state
-    entering each chunk, and Vn [B, T, Hv, V] in W's dtype)."""
+    entering each chunk, and, with store_vn, Vn [B, T, Hv, V] in W's dtype)."""
     B, T, Hk, K = q.shape
     V = U.shape[-1]
     NC = _num_chunks(T, tabs)
@@ -143,11 +145,13 @@ def _state_call(q, k, g, W, U, h0, *, Hv, scale, l2, lp, store_o, store_ht, stor
     if store_states:
         out_specs.append(pl.BlockSpec((None, None, NC, K, bv), lambda n, h, x: (n, h, 0, 0, x)))
         out_shape.append(jax.ShapeDtypeStruct((B, Hv, NC, K, V), state_dtype))
-        out_specs.append(vb)
-        out_shape.append(jax.ShapeDtypeStruct((B, T, Hv, V), W.dtype))
+        if store_vn:
+            out_specs.append(vb)
+            out_shape.append(jax.ShapeDtypeStruct((B, T, Hv, V), W.dtype))
     kern = functools.partial(_state_kernel, T=T, C=CHUNK, NC=NC, scale=float(scale), l2=l2, lp=lp,
                              has_h0=h0 is not None, store_o=store_o, store_ht=store_ht,
-                             store_states=store_states, varlen=tabs is not None, N=NS, kda=kda)
+                             store_states=store_states, varlen=tabs is not None, N=NS, kda=kda,
+                             store_vn=store_vn)
     name = f"gdn_chunk_{'kda_' if kda else ''}{'fwd' if store_o else 'states'}_k{K}_v{V}_bv{bv}"
     return pl.pallas_call(
         kern, grid=(B, Hv, V // bv), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,

@@ -28,12 +28,14 @@ from . import _platform
 from ._checks import check_cu_seqlens, check_inputs, check_state_dtype
 from ._chunk_ops import CHUNK, F32, _lp_dtype, choose_block_v
 from ._chunk_varlen import _varlen_tables
+from .._varlen import _sequence_chunks
 from .chunk_bwd_grad import _grad_call
 from .chunk_bwd_state import _rev_call
 from .chunk_fwd import _state_call
 from .chunk_prep import _prep_call
 
-__all__ = ["supports", "chunked_forward", "chunked_backward", "CHUNK", "choose_block_v"]
+__all__ = ["supports", "checkpoint_support", "chunked_forward", "chunked_backward", "CHUNK",
+           "choose_block_v"]
 
 HEAD_SIZES = (16, 32, 64, 128, 256)
 KDA_HEAD_SIZES = (16, 32, 64, 128)   # K with per-key gates (see kernels/README.md)
@@ -75,12 +77,24 @@ def supports(q, k, v, g, beta, initial_state=None, *, state_layout: str = "kv", 
     return None
 
 
+def checkpoint_support(checkpoint_every: int):
+    """None if the forward can return checkpoints every `checkpoint_every` tokens, else why."""
+    if checkpoint_every % CHUNK:
+        return (f"checkpoint_every={checkpoint_every}: the Pallas chunked forward gives "
+                f"checkpoints only at multiples of its chunk size {CHUNK}")
+    return None
+
+
 def chunked_forward(q, k, v, g, beta, initial_state=None, *, scale: float,
                     use_qk_l2norm: bool = False, output_final_state: bool = True,
-                    interpret: bool = False, cu_seqlens=None):
+                    interpret: bool = False, cu_seqlens=None, checkpoint_every=None):
     """Chunked forward. Returns (o [B, T, Hv, V] in q.dtype, final_state [N, Hv, K, V] or
     None), N = B. A 16-bit initial state is widened to float32 before the kernels (it is read
     once per call, small next to a prefill's tokens) and the final state stored in its dtype.
+
+    checkpoint_every=n (a multiple of CHUNK, `checkpoint_support`): also returns checkpoints
+    `[N, T // n, Hv, K, V]` float32, the states after tokens n, 2n, ... of each sequence (zeros
+    past a packed sequence's end): the per-chunk states of the state pass, stored.
 
     cu_seqlens (int32 [N + 1], may be traced; B == 1): N packed sequences, each from its own
     initial state (initial_state [N, Hv, K, V] or None: zeros); final_state [N, Hv, K, V], a
@@ -99,10 +113,37 @@ def chunked_forward(q, k, v, g, beta, initial_state=None, *, scale: float,
         q, k, v, g, beta, initial_state, what="chunked kernels", interpret=interpret)
     W, U, *P = _prep_call(k, v, g, beta, Hv=Hv, l2=use_qk_l2norm, lp=lp, interpret=interpret,
                           tabs=tabs, q=q, scale=scale)
+    ce = int(checkpoint_every or 0)
+    if ce and checkpoint_support(ce) is not None:
+        raise ValueError(f"gdn_jax: {checkpoint_support(ce)}")
     outs = _state_call(q, k, g, W, U, initial_state, Hv=Hv, scale=scale, l2=use_qk_l2norm, lp=lp,
-                       store_o=True, store_ht=output_final_state, store_states=False,
+                       store_o=True, store_ht=output_final_state or bool(ce),
+                       store_states=bool(ce), store_vn=False,
                        interpret=interpret, tabs=tabs, P=P[0] if P else None)
-    return outs[0], (outs[1].astype(state_dtype) if output_final_state else None)
+    o, ht = outs[0], (outs[1] if output_final_state or ce else None)
+    if not ce:
+        return o, (None if ht is None else ht.astype(state_dtype))
+    ckpts = _checkpoints(outs[2], ht, ce, T=q.shape[1], cu_seqlens=cu_seqlens)
+    return o, (ht.astype(state_dtype) if output_final_state else None), ckpts.astype(state_dtype)
+
+
+def _checkpoints(hs, ht, n, *, T, cu_seqlens):
+    """[N, T // n, Hv, K, V] from the states entering each chunk, hs [B, Hv, NC, K, V], and the
+    final states ht [N, Hv, K, V]: the state after chunk (j + 1) r - 1 of a sequence (r = n /
+    CHUNK) is the one entering its next chunk, or its final state where that was its last."""
+    NC = hs.shape[2]
+    r, J = n // CHUNK, T // n
+    if cu_seqlens is None:
+        ck = jnp.moveaxis(hs[:, :, r::r], 2, 1)   # entering chunks r, 2r, ... (< NC)
+        if ck.shape[1] < J:                        # the last checkpoint is the final state
+            ck = jnp.concatenate([ck, ht[:, None]], axis=1)
+        return ck[:, :J]
+    lens, _, start, _ = _sequence_chunks(cu_seqlens.astype(jnp.int32), CHUNK)
+    m = (jnp.arange(J, dtype=jnp.int32) + 1) * n       # tokens before checkpoint j
+    c = jnp.clip(start[:, None] + m // CHUNK, 0, NC - 1)
+    ck = jnp.moveaxis(jnp.take(hs[0], c, axis=1), 0, 2)  # [N, J, Hv, K, V]
+    ck = jnp.where((m == lens[:, None])[..., None, None, None], ht[:, None], ck)
+    return jnp.where((m <= lens[:, None])[..., None, None, None], ck, 0.0)
 
 
 def chunked_backward(q, k, v, g, beta, initial_state, do, dht, *, scale: float,

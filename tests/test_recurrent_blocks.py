@@ -24,9 +24,9 @@ def two_heads_per_block(monkeypatch):
     monkeypatch.setattr(recurrent, "BLOCK_BYTES", 2 * HEAD_BYTES)
     traced, run = [], recurrent._run_head_blocks
 
-    def spy(step, S, xs, num_snapshots=0):
+    def spy(step, S, xs, *args, **kwargs):
         traced.append(recurrent._head_block(S.shape[0] * S.shape[1], HEAD_BYTES))
-        return run(step, S, xs, num_snapshots)
+        return run(step, S, xs, *args, **kwargs)
 
     monkeypatch.setattr(recurrent, "_run_head_blocks", spy)
     return traced
