@@ -28,6 +28,8 @@ import jax.numpy as jnp  # noqa: E402
 from gdn_jax.kernels import chunk_cost, chunked  # noqa: E402
 
 OUT = os.path.join(ROOT, "docs", "pallas_chunked_report.md")
+# hand-written notes on the compile rows (how they were compiled, what changed), shown after the table
+NOTES = os.path.join(ROOT, "docs", "pallas_chunked_report_notes.md")
 S = jax.ShapeDtypeStruct
 # (name, kda, dtype, K = V, packed sequences N or 0); B=1, T=2048, Hk=16, Hv=32
 CASES = [
@@ -187,6 +189,8 @@ def main():
             rows = compile_rows(a.cases, a.save_json, a.programs)
         lines += [f"Unavailable: {reason}"] if rows is None else compile_table(rows)
         lines.append("")
+        if os.path.exists(NOTES):
+            lines += [open(NOTES).read().rstrip(), ""]
     lines += ["## Cost model (predictions, H100 SXM roofline)", "",
               chunk_cost.ASSUMPTIONS, "", PEERS]
     lines += cost_tables()
