@@ -28,6 +28,8 @@ import jax.numpy as jnp  # noqa: E402
 from gdn_jax.kernels import chunk_cost, chunked  # noqa: E402
 
 OUT = os.path.join(ROOT, "docs", "pallas_chunked_report.md")
+# hand-written notes on the compile rows (how they were compiled, what changed), shown after the table
+NOTES = os.path.join(ROOT, "docs", "pallas_chunked_report_notes.md")
 S = jax.ShapeDtypeStruct
 # (name, kda, dtype, K = V, packed sequences N or 0); B=1, T=2048, Hk=16, Hv=32
 CASES = [
@@ -88,15 +90,18 @@ def timed_ptxas():
     return times
 
 
-def compile_rows(names, save=None):
-    """Compiles the named cases (all when empty); with save, the rows so far are written to
-    that JSON file after every program (a long run can be stopped and still be reported)."""
+def compile_rows(names, save=None, which_programs=("fwd", "bwd")):
+    """Compiles the named cases (all when empty), the programs named in which_programs; with
+    save, the rows so far are written to that JSON file after every program (a long run can
+    be stopped and still be reported)."""
     times = timed_ptxas()
     rows = []
     for name, kda, dtype, K, N in CASES:
         if names and name not in names:
             continue
         for which, (fn, args) in zip(("fwd", "bwd"), programs(kda, dtype, K, N)):
+            if which not in which_programs:
+                continue
             t = time.perf_counter()
             try:
                 ks, _ = gpu_compile.compile_h100(fn, *args)
@@ -155,6 +160,8 @@ def cost_tables():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", nargs="*", default=None)
+    ap.add_argument("--programs", nargs="*", default=["fwd", "bwd"], choices=["fwd", "bwd"],
+                    help="compile only these programs of each case")
     ap.add_argument("--cost-only", action="store_true")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--save-json", help="also save the compile rows here")
@@ -172,13 +179,18 @@ def main():
         lines += ["## Compile report", ""]
         if a.from_json:
             rows = [tuple(r) for f in a.from_json for r in json.load(open(f))
-                    if not a.cases or r[0] in a.cases]
+                    if (not a.cases or r[0] in a.cases) and r[1] in a.programs]
+            # the table in CASES order, forward before backward, whichever file a row came from
+            order = {c[0]: i for i, c in enumerate(CASES)}
+            rows.sort(key=lambda r: (order.get(r[0], len(order)), r[1] != "fwd"))
         elif reason:
             rows = None
         else:
-            rows = compile_rows(a.cases, a.save_json)
+            rows = compile_rows(a.cases, a.save_json, a.programs)
         lines += [f"Unavailable: {reason}"] if rows is None else compile_table(rows)
         lines.append("")
+        if os.path.exists(NOTES):
+            lines += [open(NOTES).read().rstrip(), ""]
     lines += ["## Cost model (predictions, H100 SXM roofline)", "",
               chunk_cost.ASSUMPTIONS, "", PEERS]
     lines += cost_tables()

@@ -15,11 +15,13 @@ HIGHEST = jax.lax.Precision.HIGHEST
 F32 = jnp.float32
 
 
-def choose_block_v(B: int, Hv: int, V: int, K: int) -> int:
+def choose_block_v(B: int, Hv: int, V: int, K: int, output: bool = False) -> int:
     """Value columns per program of the sequential kernels: 32 at K <= 128 (state tile
     [K, 32] float32 = 16 KiB; smaller tiles leave registers for the chunk's operands), 16 at
-    K = 256; never more than V."""
-    return min(V, 32 if K <= 128 else 16)
+    K = 256; never more than V. output (the forward pass with the output): 16 at K = 128 too,
+    where the q side's [C, K] operands next to a [K, 32] state spill (ptxas, sm_90a, bf16:
+    GDA 64 B at BV = 32, 0 at 16)."""
+    return min(V, 32 if K <= (64 if output else 128) else 16)
 
 
 X3 = "bf16x3"   # `_dot`'s lp for near-float32 dots on tensor cores (16-bit input kernels)
@@ -110,6 +112,18 @@ def _store_rows(ref, t0, val, T):
 
 def _l2n(x):
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + L2NORM_EPS)
+
+
+def _raw_rows(ref, t0, n, T, l2, scale=1.0):
+    """(x, r): rows t0 .. t0+n-1 of a [T, K] ref as loaded (input dtype) and the row factors
+    r [n] float32 with (scale * l2norm(x))_i = r_i x_i. A dot with x as an operand then takes
+    r as a row scale of its result (exact in real arithmetic: the norm is linear in x), so no
+    normalised float32 [n, K] tile is formed or held (the loaded 16-bit tile is the operand)."""
+    x = _rows(ref, t0, n, T)
+    if not l2:
+        return x, jnp.full((n,), scale, F32)
+    xf = x.astype(F32)
+    return x, scale * jax.lax.rsqrt(jnp.sum(xf * xf, axis=1) + L2NORM_EPS)
 
 
 def _gates(g_ref, b_ref, t0, C, T):

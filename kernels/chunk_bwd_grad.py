@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from ._chunk_ops import (CHUNK, F32, _causal_decay, _chunk_A, _dot, _gates, _hp, _iota, _is_kda,
-                         _num_chunks, _qk_chunk, _rows, _store_rows)
+                         _num_chunks, _qk_chunk, _raw_rows, _rows, _store_rows)
 from ._chunk_varlen import _span, _table_args
 from .chunk_kda import _kda_gates, _kda_pairs_bwd
 
@@ -70,24 +70,33 @@ def _value_loop(v_ref, do_ref, vn_ref, dvn_ref, hs_ref, dv_ref, Tm, beta, *, t0,
     return jax.lax.fori_loop(0, V // bv, body, (z, z, jnp.zeros((C, K), F32)))
 
 
-def _state_loop(vn_ref, dvn_ref, hs_ref, dhs_ref, *, t0, T, C, lp, bv, per_key):
+def _state_loop(vn_ref, dvn_ref, hs_ref, dhs_ref, *, t0, T, C, lp, bv, per_key,
+                parts=("dKd", "dW")):
     """The state side of one chunk, reduced over V: dKd = Vn dH^T, dW = -dVn S^T ([C, K])
-    and sum(S * dH) (per key for KDA)."""
+    and sum(S * dH) (per key for KDA), or only dKd (parts=("dKd",)) or only dW and
+    sum(S * dH) (parts=("dW",)): two loops keep one [C, K] accumulator live at a time."""
     K, V = hs_ref.shape
+    want_dkd, want_dw = "dKd" in parts, "dW" in parts
 
     def body(j, carry):
         dKd, dW, sSdH = carry
-        Vn = _cols(vn_ref, t0, C, T, j, bv)
-        dVn = _cols(dvn_ref, t0, C, T, j, bv)
-        S = hs_ref[:, pl.ds(j * bv, bv)]
+        Vn = _cols(vn_ref, t0, C, T, j, bv) if want_dkd else None
+        dVn = _cols(dvn_ref, t0, C, T, j, bv) if want_dw else None
+        S = hs_ref[:, pl.ds(j * bv, bv)] if want_dw else None
         dH = dhs_ref[:, pl.ds(j * bv, bv)]
-        SdH = S.astype(F32) * dH.astype(F32)
-        sSdH = sSdH + (jnp.sum(SdH, axis=1) if per_key else jnp.sum(SdH))
-        return dKd + _dot(Vn, dH, tb=True, lp=lp), dW - _dot(dVn, S, tb=True, lp=lp), sSdH
+        if want_dw:
+            SdH = S.astype(F32) * dH.astype(F32)
+            sSdH = sSdH + (jnp.sum(SdH, axis=1) if per_key else jnp.sum(SdH))
+            dW = dW - _dot(dVn, S, tb=True, lp=lp)
+        if want_dkd:
+            dKd = dKd + _dot(Vn, dH, tb=True, lp=lp)
+        return dKd, dW, sSdH
 
     z = jnp.zeros((C, K), F32)
     s0 = jnp.zeros((K,), F32) if per_key else jnp.zeros((), F32)
-    return jax.lax.fori_loop(0, V // bv, body, (z, z, s0))
+    dKd, dW, sSdH = jax.lax.fori_loop(
+        0, V // bv, body, (z if want_dkd else None, z if want_dw else None, s0))
+    return tuple(x for x, w in ((dKd, want_dkd), (dW, want_dw), (sSdH, want_dw)) if w)
 
 
 def _per_chunk(body, *refs, T, C, varlen, **kw):
@@ -151,9 +160,16 @@ def _dk_chunk(k_ref, g_ref, b_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_ref, x_r
         beta, G, Gl = _kda_gates(g_ref, b_ref, t0, C, T)
     else:
         _, beta, G, Gl = _gates(g_ref, b_ref, t0, C, T)
-    dKd, dW, sSdH = _state_loop(vn_ref, dvn_ref, hs_ref, dhs_ref, t0=t0, T=T, C=C, lp=lp, bv=bv,
-                                per_key=kda)
-    k, _ = _qk_chunk(k_ref, None, t0, C, T, l2, 1.0)
+    loop = functools.partial(_state_loop, vn_ref, dvn_ref, hs_ref, dhs_ref, t0=t0, T=T, C=C,
+                             lp=lp, bv=bv, per_key=kda)
+    if kda:
+        dKd, dW, sSdH = loop()
+    else:   # GDA: the WY side first, dKd after it (one [C, K] accumulator live at a time)
+        dW, sSdH = loop(parts=("dW",))
+    if kda:
+        k, _ = _qk_chunk(k_ref, None, t0, C, T, l2, 1.0)
+    else:   # k as loaded and its l2 factors (l2norm(k) = rk k): no float32 [C, K] tile of k
+        k, rk = _raw_rows(k_ref, t0, C, T, l2)
     last = jnp.minimum(C, T - t0) - 1          # the chunk's last real row
     eG = jnp.exp(G)
     hp = _hp(lp)
@@ -179,22 +195,25 @@ def _dk_chunk(k_ref, g_ref, b_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_ref, x_r
         dbeta = jnp.sum(ekdbK, axis=1)
         dG = dG + beta[:, None] * ekdbK
         _store_rows(dg_ref, t0, _revcumsum(dG, lp), T)
+        _store_rows(dk_ref, t0, dKd + bE * dbK, T)
     else:
         row = jnp.arange(C)
-        dec = jnp.exp(Gl - G)
-        t = jnp.where(row == last, 0.0, dec * jnp.sum(k * dKd, axis=1))
-        dG = (_rows(dg1_ref, t0, C, T) - t
-              + jnp.where(row == C - 1, jnp.sum(t) + jnp.exp(Gl) * sSdH, 0.0))
-        dKd = dec[:, None] * dKd
         bE = (beta * eG)[:, None]
-        dT = _dot(dW, k, tb=True, lp=hp) * bE.T + X * beta[None, :]
+        dT = _dot(dW, k, tb=True, lp=hp) * (bE[:, 0] * rk)[None, :] + X * beta[None, :]
         _store_dA(da_ref, t0, dT, Tm, T, hp)
         dbK = _dot(Tm, dW, ta=True, lp=hp)
-        kdbK = jnp.sum(k * dbK, axis=1)
+        kf = k.astype(F32)
+        kdbK = rk * jnp.sum(kf * dbK, axis=1)
         dbeta = eG * kdbK
-        dG = dG + bE[:, 0] * kdbK
+        dGl = jnp.exp(Gl) * sSdH
+        dG = _rows(dg1_ref, t0, C, T) + bE[:, 0] * kdbK
+        dbK = bE * dbK
+        (dKd,) = loop(parts=("dKd",))
+        dec = jnp.exp(Gl - G)
+        t = jnp.where(row == last, 0.0, dec * rk * jnp.sum(kf * dKd, axis=1))
+        dG = dG - t + jnp.where(row == C - 1, jnp.sum(t) + dGl, 0.0)
         plt.store(dg_ref.at[pl.ds(t0, C)], _revcumsum(dG, lp), mask=t0 + row < T)
-    _store_rows(dk_ref, t0, dKd + bE * dbK, T)
+        _store_rows(dk_ref, t0, dec[:, None] * dKd + dbK, T)
     plt.store(db_ref.at[pl.ds(t0, C)], dbeta, mask=t0 + jnp.arange(C) < T)
 
 

@@ -46,6 +46,7 @@ def cost_model(B, T, Hk, Hv, K, V, *, in_bytes=2, backward=True, kda=False):
     w = in_bytes if lp else 4             # W, U, Vn, dVn, P and the backward's states
     bv = choose_block_v(B, Hv, V, K)
     nvb = V // bv
+    bvo = choose_block_v(B, Hv, V, K, output=True)   # the forward pass with the output
     d = lambda m, n, k: 2 * m * n * k  # noqa: E731
     x3 = 3 if lp else 1                    # bf16x3: three tensor-core dots
     out = []
@@ -77,8 +78,8 @@ def cost_model(B, T, Hk, Hv, K, V, *, in_bytes=2, backward=True, kda=False):
     prep_b = qk_b * (2 if kda else 1) + v_b + g_b + b_b + kw_b + vw_b + p_b
     add("prep", (B, Hv, NC), prep16, prep32, prep_b)
     qk_fwd = 0 if kda else d(C, C, K)      # q k^T inside the state passes (KDA: P from prep)
-    add("fwd", (B, Hv, nvb),
-        NC * (d(C, K, bv) + qk_fwd + d(C, K, bv) + d(C, C, bv) + d(K, C, bv)), 0,
+    add("fwd", (B, Hv, V // bvo),
+        NC * (d(C, K, bvo) + qk_fwd + d(C, K, bvo) + d(C, C, bvo) + d(K, C, bvo)), 0,
         2 * qk_b + g_b + kw_b + vw_b + v_b + 2 * st_b + p_b)
     if not backward:
         return out

@@ -13,6 +13,7 @@ from jax.experimental.pallas import triton as plt
 from .._common import G_MIN
 from .._varlen import TAB_END, TAB_T0
 from ._chunk_ops import (CHUNK, F32, _dot, _gate_spec, _iota, _is_kda, _l2n, _last, _num_chunks,
+                         _raw_rows,
                          _p_spec, _row, _rows, _specs, _store_rows, choose_block_v)
 from ._chunk_varlen import (_fill_empty, _load_state_if, _seq_flags, _state_spec,
                             _store_state_if, _table_args, _varlen_loop)
@@ -77,31 +78,43 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
             G = jnp.cumsum(g)
             Gl = _last(G)
             dGl, eG, eGl = (Gl - G)[:, None], jnp.exp(G)[:, None], jnp.exp(Gl)
-        k = _rows(k_ref, t0, C, T_).astype(F32)
-        if l2:
-            k = _l2n(k)
-        # 16-bit operands as soon as the float32 elementwise work is done (fewer live registers)
-        Kd = cast(k * jnp.exp(dGl))
-        k = cast(k)
+        if not store_o:
+            # the backward's state-only pass: Kd = k e^(Gl - G) as one 16-bit [C, K] operand
+            # (no q side: spill-free with it)
+            k = _rows(k_ref, t0, C, T_).astype(F32)
+            if l2:
+                k = _l2n(k)
+            Kd = cast(k * jnp.exp(dGl))
+        elif kda:
+            # per-key decays on the [C, K] tiles: both 16-bit operands (Kd, e^G q) formed
+            # before W and U are loaded, so the float32 [C, K] gate tiles die here
+            k, rk = _raw_rows(k_ref, t0, C, T_, l2)
+            Kd = cast(k.astype(F32) * (rk[:, None] * jnp.exp(dGl)))
+            q, rq = _raw_rows(q_ref, t0, C, T_, l2, scale)
+            qe = cast(q.astype(F32) * (rq[:, None] * eG))
+        else:
+            # GDA: the decays and the l2 norms are per row, so they scale the [C, BV] and
+            # [C, C] operands and results instead of the [C, K] tiles: q and k enter the dots
+            # as loaded (`_raw_rows`), no float32 [C, K] tile is formed
+            k, rk = _raw_rows(k_ref, t0, C, T_, l2)
         W = _rows(w_ref, t0, C, T_)
         U = _rows(u_ref, t0, C, T_).astype(F32)
         Vn = U - _dot(W, S, lp=lp)
         if store_vn:   # the backward's gradient kernel reads Vn instead of recomputing it
             _store_rows(vn_ref, t0, Vn, T_)
         if store_o:
-            q = _rows(q_ref, t0, C, T_).astype(F32)
-            if l2:
-                q = _l2n(q)
-            q = q * scale
-            qe = cast(q * eG)
             if kda:   # the causal pairwise block from the prep kernel
-                P = _rows(p_ref, t0, C, T_)
+                o = _dot(qe, S, lp=lp) + _dot(_rows(p_ref, t0, C, T_), Vn, lp=lp)
             else:
-                P = jnp.where(causal, _dot(cast(q), k, tb=True, lp=lp) *
+                q, rq = _raw_rows(q_ref, t0, C, T_, l2, scale)
+                P = jnp.where(causal, (rq[:, None] * rk[None, :]) * _dot(q, k, tb=True, lp=lp) *
                               jnp.exp(jnp.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
-            o = _dot(qe, S, lp=lp) + _dot(P, Vn, lp=lp)
+                o = (eG * rq[:, None]) * _dot(q, S, lp=lp) + _dot(P, Vn, lp=lp)
             _store_rows(o_ref, t0, o, T_)
-        S = eGl * S + _dot(Kd, Vn, ta=True, lp=lp)
+        if kda or not store_o:
+            S = eGl * S + _dot(Kd, Vn, ta=True, lp=lp)
+        else:
+            S = eGl * S + _dot(k, (rk[:, None] * jnp.exp(dGl)) * Vn, ta=True, lp=lp)
         if varlen and store_ht:
             _store_state_if(ht_ref, seq, S, last)
         return S
@@ -122,7 +135,7 @@ def _state_call(q, k, g, W, U, h0, *, Hv, scale, l2, lp, store_o, store_ht, stor
     V = U.shape[-1]
     NC = _num_chunks(T, tabs)
     NS = B if tabs is None else tabs.num_seqs
-    bv = choose_block_v(B, Hv, V, K)
+    bv = choose_block_v(B, Hv, V, K, output=store_o)
     qk, _, kh, vb, gb = _specs(B, T, Hk, Hv, K, V, Hv // Hk, bv)
     s_spec = _state_spec(tabs, K, bv)
     t_specs, t_args = _table_args(tabs)

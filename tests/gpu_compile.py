@@ -87,7 +87,6 @@ def unavailable_reason() -> str | None:
 
 def triton_kernels(fn, *args):
     """Lowers fn(*args) for CUDA; returns [{name, grid, num_warps, num_stages, ir}] (ir: tt text)."""
-    import jax
     from jax._src.lib.mlir import ir
     from jax._src.pallas.triton import lowering as tl
 
@@ -281,7 +280,7 @@ def _recurrent_cases():
 def _chunked_cases():
     """(label, fn, args) for the chunked kernels: forward and backward at the prefill shape
     B=1, T=2048, Hk=16, Hv=32, K=V=128, bf16 inputs, float32 gates, l2norm, initial state;
-    GDA and KDA (per-key gates), and GDA with packed sequences."""
+    GDA and KDA (per-key gates), GDA with packed sequences, and GDA at K=V=64."""
     import jax
     import jax.numpy as jnp
 
@@ -312,7 +311,22 @@ def _chunked_cases():
 
     # KDA: per-key gates g [B, T, Hv, K] float32, otherwise the same call
     kargs = args[:3] + [S((B, T, Hv, K), f32)] + args[4:]
-    return [(label.format("kda-fwd"), fwd, kargs),
+    # GDA at K = V = 64 (a smaller head: other tiles, every kernel spill-free)
+    K6 = 64
+    args64 = [S((B, T, Hk, K6), bf16), S((B, T, Hk, K6), bf16), S((B, T, Hv, K6), bf16),
+              S((B, T, Hv), f32), S((B, T, Hv), f32), S((B, Hv, K6, K6), f32)]
+
+    def fwd64(*a):
+        return chunked.chunked_forward(*a, scale=K6 ** -0.5, use_qk_l2norm=True)
+
+    def bwd64(*a):
+        return chunked.chunked_backward(*a, scale=K6 ** -0.5, use_qk_l2norm=True)
+
+    label64 = f"chunked {{}} bfloat16 B={B} T={T} Hk={Hk} Hv={Hv} K={K6} V={K6}"
+    return [(label64.format("k64-fwd"), fwd64, args64),
+            (label64.format("k64-bwd"), bwd64,
+             args64 + [S((B, T, Hv, K6), bf16), S((B, Hv, K6, K6), f32)]),
+            (label.format("kda-fwd"), fwd, kargs),
             (label.format("kda-bwd"), bwd, kargs + [S((B, T, Hv, V), bf16), S((B, Hv, K, V), f32)]),
             (label.format("fwd"), fwd, args),
             (label.format("bwd"), bwd, args + [S((B, T, Hv, V), bf16), S((B, Hv, K, V), f32)]),

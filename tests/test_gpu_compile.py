@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 
 import jax
@@ -201,19 +200,19 @@ def test_varlen_token_loop_is_a_for_loop():
 
 
 # ---- chunked kernels (kernels/chunked.py) ----------------------------------------------
-# Spill bytes per thread (ptxas, sm_90a) at the prefill shape, written down in kernels/README.md.
-# The sequential kernels spill a little (8 warps, BV = 32: the [64, 128] q/k/W chunk operands
-# next to the state tile). The three gradient kernels (docs/pallas_chunked_report.md; jaxlib
-# 0.10.2): GDA 0 / 116 / 0 B, KDA 2,388 / 860 / 1,352 B (the pairwise cotangents next to the
-# [C, K] gate tiles). The bounds catch regressions and must hold on both ends of the supported
-# JAX range: the same kernel source can spill differently with another jaxlib's Triton and LLVM.
-CHUNKED_SPILL_BOUND = {"gdn_chunk_prep": 0, "gdn_chunk_states": 0, "gdn_chunk_fwd": 256,
-                       "gdn_chunk_bwd_state": 256, "gdn_chunk_bwd_dqv": 256,
-                       "gdn_chunk_bwd_dk": 512, "gdn_chunk_bwd_da": 256,
-                       # KDA: the prep kernel's pairwise sub-block terms (416 B), the P-reading
-                       # state passes (76 / 28 / 0 B), the gradient kernels
-                       "gdn_chunk_kda_prep": 1024, "gdn_chunk_kda_states": 256,
-                       "gdn_chunk_kda_fwd": 256, "gdn_chunk_kda_bwd_state": 256,
+# Spill store bytes per thread (ptxas, sm_90a) at the prefill shape, bf16 K = V = 128
+# (docs/pallas_chunked_report.md, jaxlib 0.10.2). Zero: every GDA kernel, and the KDA reverse
+# state pass. The KDA kernels that still spill: prep
+# (416 B: the pairwise sub-block terms), the output pass (44 B) and the state-only pass (28 B,
+# the [C, K] gate tiles next to the state), the gradient kernels (2,388 / 860 / 1,352 B: the
+# pairwise cotangents next to the [C, K] gate tiles). The bounds catch regressions and must hold
+# on both ends of the supported JAX range: the same kernel source can spill differently with
+# another jaxlib's Triton and LLVM.
+CHUNKED_SPILL_BOUND = {"gdn_chunk_prep": 0, "gdn_chunk_states": 0, "gdn_chunk_fwd": 0,
+                       "gdn_chunk_bwd_state": 0, "gdn_chunk_bwd_dqv": 0,
+                       "gdn_chunk_bwd_dk": 0, "gdn_chunk_bwd_da": 0,
+                       "gdn_chunk_kda_prep": 1024, "gdn_chunk_kda_states": 64,
+                       "gdn_chunk_kda_fwd": 128, "gdn_chunk_kda_bwd_state": 0,
                        "gdn_chunk_kda_bwd_dqv": 4096, "gdn_chunk_kda_bwd_dk": 2048,
                        "gdn_chunk_kda_bwd_da": 2048}
 
@@ -234,9 +233,27 @@ def test_chunked_compiles_for_sm90a(compile_report, which, n):
         assert k["arch"] == "sm_90a" and k["registers"] > 0, k
         assert k["smem"] <= gpu_compile.H100_SMEM_PER_BLOCK, k
         assert k["name"].startswith("gdn_chunk_kda_") == which.startswith("kda"), k["name"]
-        bound = next(v for p, v in sorted(CHUNKED_SPILL_BOUND.items(), key=lambda x: -len(x[0]))
-                     if k["name"].startswith(p))
+        bound = _bound(k["name"])
         assert k.get("spill_stores", 0) <= bound, (k["name"], k.get("spill_stores"), bound)
+        if bound == 0:   # spill-free: no spill loads and no stack frame either
+            assert k.get("spill_loads", 0) == 0 and k.get("stack_frame", 0) == 0, k
+
+
+def _bound(name):
+    return next(v for p, v in sorted(CHUNKED_SPILL_BOUND.items(), key=lambda x: -len(x[0]))
+                if name.startswith(p))
+
+
+@pytest.mark.parametrize("which,n", [("fwd", 2), ("bwd", 6), ("k64-fwd", 2), ("k64-bwd", 6)])
+def test_chunked_gda_spill_free(compile_report, which, n):
+    """GDA, bf16, K = V = 128 and 64: every kernel of the forward and the backward program
+    compiles with 0 spill bytes and no stack frame, shared memory within the per-block limit."""
+    case = _chunked(compile_report, which)
+    assert len(case["kernels"]) == n, case
+    for k in case["kernels"]:
+        assert k.get("spill_stores", 0) == 0 and k.get("spill_loads", 0) == 0, (case["case"], k)
+        assert k.get("stack_frame", 0) == 0, (case["case"], k)
+        assert k["smem"] <= gpu_compile.H100_SMEM_PER_BLOCK, k
 
 
 @pytest.mark.parametrize("which,n", [("varlen-fwd", 2), ("varlen-bwd", 6)])
@@ -249,9 +266,10 @@ def test_chunked_varlen_compiles_for_sm90a(compile_report, which, n):
     for k in case["kernels"]:
         assert k["arch"] == "sm_90a" and k["registers"] > 0, k
         assert k["smem"] <= gpu_compile.H100_SMEM_PER_BLOCK, k
-        bound = next(v for p, v in sorted(CHUNKED_SPILL_BOUND.items(), key=lambda x: -len(x[0]))
-                     if k["name"].startswith(p))
+        bound = _bound(k["name"])
         assert k.get("spill_stores", 0) <= bound, (k["name"], k.get("spill_stores"), bound)
+        if bound == 0:
+            assert k.get("spill_loads", 0) == 0 and k.get("stack_frame", 0) == 0, k
     others = [name for name in case["all_kernels"]
               if not any(name.startswith(p) for p in CHUNKED_SPILL_BOUND)]
     assert len(others) <= (3 if which == "varlen-fwd" else 12), others

@@ -61,6 +61,7 @@ FWD_CASES = [
     (1, 37, 1, 4, 128, 16, F16, True, False, True, F32),     # K=128, group 4, f16
     (2, 1, 1, 1, 16, 128, BF16, False, True, True, F32),     # T=1, V=128
     (1, 128, 2, 2, 32, 32, F16, False, True, True, F16),     # two whole chunks
+    (1, 70, 1, 2, 128, 32, BF16, True, True, True, F32),     # K=128: two 16-column value blocks
 ]
 
 
