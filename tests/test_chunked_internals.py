@@ -50,7 +50,7 @@ def _vjp_fn(which, l2):
 
 def _vjp_both(args, l2=True):
     """Outputs and all six gradients (random cotangents on o and S) for chunked and reference."""
-    q, v, S0 = args[0], args[2], args[5]
+    v, S0 = args[2], args[5]
     c1, c2 = jax.random.split(jax.random.PRNGKey(7))
     cts = (jax.random.normal(c1, v.shape), jax.random.normal(c2, S0.shape))
     return [_vjp_fn(w, l2)(*args, *cts) for w in ("chunked", "reference")]
