@@ -50,7 +50,7 @@ BAD = [
     ({}, dict(initial_state=S((B, Hv, V, K), jnp.float32)), ValueError,
      ["initial_state", "[N, Hv, K, V]", str((B, Hv, V, K))]),
     ({}, dict(initial_state=S((B + 1, Hv, K, V), jnp.float32)), ValueError, ["initial_state"]),
-    ({}, dict(initial_state=S((B, Hv, K, V), jnp.bfloat16)), TypeError, ["initial_state", "bfloat16"]),
+    ({}, dict(initial_state=S((B, Hv, K, V), jnp.int32)), TypeError, ["initial_state", "int32"]),
     ({}, dict(state_layout="vk", initial_state=S((B, Hv, K, V), jnp.float32)), ValueError,
      ["initial_state", "[N, Hv, V, K]"]),
     ({}, dict(impl="fast"), ValueError, ["impl", "'fast'"]),
