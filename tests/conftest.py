@@ -17,6 +17,22 @@ settings.register_profile("dev", deadline=None, max_examples=25,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drops JAX's compiled programs after each test module. Every XLA CPU executable keeps
+    ~18 memory mappings (measured); the whole suite in one process compiles thousands of
+    programs, and past the kernel's vm.max_map_count (65530) LLVM's next code mapping fails
+    and the process segfaults inside a compile. Modules share no compiled programs worth
+    keeping."""
+    yield
+    import gc  # noqa: PLC0415
+
+    import jax  # noqa: PLC0415
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: start only the jobs of selected tests
 def pytest_collection_modifyitems(session, config, items):
     """Starts the background subprocess jobs of the selected tests (tests/background.py) and
