@@ -46,7 +46,7 @@ CASES = [dict(c, vk=c["vk"] and c["path"] != ("chunked", "pallas")) for c in CAS
 def test_16bit_state_forward_and_gradients(case):
     (impl, backend), sd, kda, vk = case["path"], SD[case["sd"]], case["kda"], case["vk"]
     layout = "vk" if vk else "kv"
-    T = 70 if impl == "chunked" else 4
+    T = 40 if impl == "chunked" else 4
     args, h = _inputs(2, T, kda)
     h16 = (jnp.swapaxes(h, -1, -2) if vk else h).astype(sd)
     f = _op(impl, backend, state_layout=layout)
@@ -75,7 +75,7 @@ def test_bf16_pool_keeps_its_dtype_and_other_slots(impl, backend):
     """A step into a bf16 pool: the pool stays bf16, the written slots hold the float32
     computation from the rounded slots (rounded once), every other slot is bit-identical."""
     P, read = 6, jnp.array([4, -1, 1], jnp.int32)
-    T = 70 if impl == "chunked" else 1
+    T = 40 if impl == "chunked" else 1
     args, _ = _inputs(3, T, kda=False)
     pool = jax.random.normal(jax.random.key(3), (P, H, K, V)).astype(jnp.bfloat16)
     f = _op(impl, backend, state_indices=read)
