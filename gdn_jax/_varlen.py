@@ -188,24 +188,39 @@ def run_tokens(step, S0, xs, *, cu_seqlens=None, num_snapshots: int = 0,
         return o, S, states
 
     tab = token_table(cu_seqlens, T)
-    N = S0.shape[0]
-    snaps0 = jnp.broadcast_to(S0[:, None], (N, max(ns, 1)) + S0.shape[1:]) if ns else None
+    if not ns:
+        return _packed_scan(step, S0, xs, tab)
+    snaps0 = jnp.broadcast_to(S0[:, None], (S0.shape[0], ns) + S0.shape[1:])
+
+    def snapshot_slot(seq, pos):  # the last ns tokens of each sequence
+        j = pos - (tab.lens[seq] - ns)
+        return j >= 0, j
+
+    return _packed_scan(step, S0, xs, tab, snaps0, snapshot_slot)
+
+
+def _packed_scan(step, S0, xs, tab: TokenTable, keep0=None, keep_slot=None):
+    """The token scan over packed sequences: each sequence starts from its S0 row at its first
+    token and its final state is taken at its last. keep0 `[N, J, ...]` with keep_slot(seq,
+    pos) -> (keep, j): the state after a token is also stored at keep[seq, j] where keep holds
+    (snapshots, checkpoints). Returns (o, finals, keep or None)."""
 
     def body(carry, inp):
-        S, finals, snaps = carry
+        S, finals, kept = carry
         x_t, seq, first, last, pos = inp
         S = jax.lax.cond(first, lambda: S0[seq][None], lambda: S)
         S, o_t = step(S, x_t)
         finals = jax.lax.cond(last, lambda: finals.at[seq].set(S[0]), lambda: finals)
-        if ns:
-            j = pos - (tab.lens[seq] - ns)
-            snaps = jax.lax.cond(j >= 0, lambda: snaps.at[seq, j].set(S[0]), lambda: snaps)
-        return (S, finals, snaps), o_t
+        if keep_slot is not None:
+            keep, j = keep_slot(seq, pos)
+            kept = jax.lax.cond(keep, lambda: kept.at[seq, j].set(S[0], mode="drop"),
+                                lambda: kept)
+        return (S, finals, kept), o_t
 
     inputs = (tuple(jnp.moveaxis(x, 1, 0) for x in xs), tab.seq, tab.first, tab.last, tab.pos)
     S_init = jnp.zeros((1,) + S0.shape[1:], S0.dtype)
-    (_, finals, snaps), o = jax.lax.scan(body, (S_init, S0, snaps0), inputs)
-    return jnp.moveaxis(o, 0, 1), finals, snaps
+    (_, finals, kept), o = jax.lax.scan(body, (S_init, S0, keep0), inputs)
+    return jnp.moveaxis(o, 0, 1), finals, kept
 
 
 def _run_tokens_checkpointed(step, S0, xs, n: int, cu_seqlens):
@@ -232,21 +247,10 @@ def _run_tokens_checkpointed(step, S0, xs, n: int, cu_seqlens):
         return o, S, None, jnp.moveaxis(ckpts, 0, 1)
 
     tab = token_table(cu_seqlens, T)
-    N = S0.shape[0]
+    ckpts0 = jnp.zeros((S0.shape[0], J) + S0.shape[1:], S0.dtype)
 
-    def body(carry, inp):
-        S, finals, ckpts = carry
-        x_t, seq, first, last, pos = inp
-        S = jax.lax.cond(first, lambda: S0[seq][None], lambda: S)
-        S, o_t = step(S, x_t)
-        finals = jax.lax.cond(last, lambda: finals.at[seq].set(S[0]), lambda: finals)
-        ckpts = jax.lax.cond((pos + 1) % n == 0,
-                             lambda: ckpts.at[seq, (pos + 1) // n - 1].set(S[0], mode="drop"),
-                             lambda: ckpts)
-        return (S, finals, ckpts), o_t
+    def checkpoint_slot(seq, pos):  # after tokens n, 2n, ... of each sequence
+        return (pos + 1) % n == 0, (pos + 1) // n - 1
 
-    inputs = (tuple(jnp.moveaxis(x, 1, 0) for x in xs), tab.seq, tab.first, tab.last, tab.pos)
-    S_init = jnp.zeros((1,) + S0.shape[1:], S0.dtype)
-    ckpts0 = jnp.zeros((N, J) + S0.shape[1:], S0.dtype)
-    (_, finals, ckpts), o = jax.lax.scan(body, (S_init, S0, ckpts0), inputs)
-    return jnp.moveaxis(o, 0, 1), finals, None, ckpts
+    o, finals, ckpts = _packed_scan(step, S0, xs, tab, ckpts0, checkpoint_slot)
+    return o, finals, None, ckpts
