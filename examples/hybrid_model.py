@@ -170,6 +170,23 @@ def _attention(p, x, cache: KVCache | None, pos, cfg: HybridConfig):
     return o.reshape(B, T, H * Dh) @ p["o"], new_cache
 
 
+def _layers(params, x, caches, mixer, cfg: HybridConfig):
+    """The layer stack: per block, norm -> mixer -> residual -> norm -> SwiGLU MLP -> residual.
+    `mixer(kind, params, h, cache)` runs one block's token mixer on its cache (or pool) and
+    returns (h, new cache); the final norm and tied-embedding logits follow."""
+    new = []
+    for kind, blk, c in zip(cfg.layer_types, params["blocks"], caches):
+        h = layers.rms_norm(x, blk["norm1"], cfg.rms_norm_eps)
+        h, c = mixer(kind, blk["mixer"], h, c)
+        new.append(c)
+        x = x + h
+        h = layers.rms_norm(x, blk["norm2"], cfg.rms_norm_eps)
+        m = blk["mlp"]
+        x = x + (jax.nn.silu(h @ m["gate"]) * (h @ m["up"])) @ m["down"]
+    x = layers.rms_norm(x, params["norm"], cfg.rms_norm_eps)
+    return x @ params["embed"].T, tuple(new)  # tied embeddings
+
+
 def forward(params, tokens, cache: HybridCache | None = None, *, config: HybridConfig):
     """tokens `[B, T]` int -> (logits `[B, T, vocab]`, new cache or None).
 
@@ -177,28 +194,20 @@ def forward(params, tokens, cache: HybridCache | None = None, *, config: HybridC
     prefill or decode step that continues after `cache.pos` tokens and returns the new cache.
     """
     cfg = config
-    x = params["embed"][tokens]
     pos = jnp.zeros((), jnp.int32) if cache is None else cache.pos
-    new = []
-    for i, (kind, blk) in enumerate(zip(cfg.layer_types, params["blocks"])):
-        h = layers.rms_norm(x, blk["norm1"], cfg.rms_norm_eps)
-        c = None if cache is None else cache.layers[i]
+
+    def mixer(kind, p, h, c):
         if kind == "gdn":
-            h, c = layers.gdn_block(blk["mixer"], h, c, config=cfg.gdn, impl=cfg.impl, backend=cfg.backend)
-        elif kind == "kda":
-            h, c = layers.kda_block(blk["mixer"], h, c, config=cfg.kda, impl=cfg.impl, backend=cfg.backend)
-        else:
-            h, c = _attention(blk["mixer"], h, c, pos, cfg)
-        new.append(c)
-        x = x + h
-        h = layers.rms_norm(x, blk["norm2"], cfg.rms_norm_eps)
-        m = blk["mlp"]
-        x = x + (jax.nn.silu(h @ m["gate"]) * (h @ m["up"])) @ m["down"]
-    x = layers.rms_norm(x, params["norm"], cfg.rms_norm_eps)
-    logits = x @ params["embed"].T  # tied embeddings
+            return layers.gdn_block(p, h, c, config=cfg.gdn, impl=cfg.impl, backend=cfg.backend)
+        if kind == "kda":
+            return layers.kda_block(p, h, c, config=cfg.kda, impl=cfg.impl, backend=cfg.backend)
+        return _attention(p, h, c, pos, cfg)
+
+    caches = (None,) * len(cfg.layer_types) if cache is None else cache.layers
+    logits, new = _layers(params, params["embed"][tokens], caches, mixer, cfg)
     if cache is None:
         return logits, None
-    return logits, HybridCache(tuple(new), pos + tokens.shape[1])
+    return logits, HybridCache(new, pos + tokens.shape[1])
 
 
 def _packed_token_table(batch: layers.ServingBatch, positions, T: int):
@@ -242,25 +251,17 @@ def forward_packed(params, tokens, pools: tuple, batch: layers.ServingBatch, pos
     `has_initial_state` is False). Returns (logits `[1, T, vocab]`, new pools); per request
     equal to `forward` on that request alone with its own cache."""
     cfg = config
-    x = params["embed"][tokens]
-    new = []
-    for kind, blk, pool in zip(cfg.layer_types, params["blocks"], pools):
-        h = layers.rms_norm(x, blk["norm1"], cfg.rms_norm_eps)
+
+    def mixer(kind, p, h, pool):
         if kind == "gdn":
-            h, pool = layers.gdn_block(blk["mixer"], h, pool, config=cfg.gdn, impl=cfg.impl,
-                                       backend=cfg.backend, batch=batch)
-        elif kind == "kda":
-            h, pool = layers.kda_block(blk["mixer"], h, pool, config=cfg.kda, impl=cfg.impl,
-                                       backend=cfg.backend, batch=batch)
-        else:
-            h, pool = _packed_attention(blk["mixer"], h, pool, batch, positions, cfg)
-        new.append(pool)
-        x = x + h
-        h = layers.rms_norm(x, blk["norm2"], cfg.rms_norm_eps)
-        m = blk["mlp"]
-        x = x + (jax.nn.silu(h @ m["gate"]) * (h @ m["up"])) @ m["down"]
-    x = layers.rms_norm(x, params["norm"], cfg.rms_norm_eps)
-    return x @ params["embed"].T, tuple(new)
+            return layers.gdn_block(p, h, pool, config=cfg.gdn, impl=cfg.impl,
+                                    backend=cfg.backend, batch=batch)
+        if kind == "kda":
+            return layers.kda_block(p, h, pool, config=cfg.kda, impl=cfg.impl,
+                                    backend=cfg.backend, batch=batch)
+        return _packed_attention(p, h, pool, batch, positions, cfg)
+
+    return _layers(params, params["embed"][tokens], pools, mixer, cfg)
 
 
 def loss_fn(params, tokens, *, config: HybridConfig):

@@ -157,22 +157,15 @@ def _run_head_blocks(step, S, xs, num_snapshots: int = 0, slots=None,
     # dynamic-update-slices to float32 over the whole operand (a full convert of the state per
     # block; float16 ones it runs natively); on integers they stay in place.
     sd = S.dtype
-    bits = jnp.uint16 if jnp.dtype(sd) == jnp.dtype(jnp.bfloat16) else None
-    if bits is not None:
-        S = jax.lax.bitcast_convert_type(S, bits)
-
     bf16 = jnp.dtype(sd) == jnp.dtype(jnp.bfloat16)
+    if bf16:
+        S = jax.lax.bitcast_convert_type(S, jnp.uint16)
 
     def widen(x):  # stored block -> float32
-        if bf16:
-            return _bf16_widen(x)
-        return (x if bits is None else jax.lax.bitcast_convert_type(x, sd)).astype(jnp.float32)
+        return _bf16_widen(x) if bf16 else x.astype(jnp.float32)
 
     def narrow(x):  # float32 block -> stored (round to nearest)
-        if bf16:
-            return _bf16_bits(x)
-        x = x.astype(sd)
-        return x if bits is None else jax.lax.bitcast_convert_type(x, bits)
+        return _bf16_bits(x) if bf16 else x.astype(sd)
 
     if slots is None:
         Sf = S.reshape((N,) + tail)
@@ -227,7 +220,7 @@ def _run_head_blocks(step, S, xs, num_snapshots: int = 0, slots=None,
         snaps = jnp.moveaxis(snaps.reshape((B, Hv, ns) + tail), 2, 1)
     if ce:
         ckpts = jnp.moveaxis(ckpts.reshape((B, Hv, J) + tail), 2, 1)
-    if bits is not None:
+    if bf16:
         Sf = jax.lax.bitcast_convert_type(Sf, sd)
         snaps = None if snaps is None else jax.lax.bitcast_convert_type(snaps, sd)
         ckpts = None if ckpts is None else jax.lax.bitcast_convert_type(ckpts, sd)
