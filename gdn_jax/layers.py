@@ -175,11 +175,16 @@ class ServingBatch(NamedTuple):
         outputs).
     has_initial_state: bool `[N]` or None (all True): False starts request n from zeros
         (conv and recurrent state) without reading its slot: a new request in a recycled slot.
+    output_state_indices: int32 `[N]` or None (= state_indices): the slot request n writes
+        its new conv and recurrent state to (prefix caching: continue from one slot, keep it,
+        write another); -1 writes nothing. The slots read are left unchanged unless written.
+        Two requests writing one slot: which one lands is unspecified.
     """
 
     cu_seqlens: jax.Array
     state_indices: jax.Array
     has_initial_state: jax.Array | None = None
+    output_state_indices: jax.Array | None = None
 
 
 def _zeros_cache(batch: int, conv_dim: int, width: int, heads: int, k: int, v: int,
@@ -329,10 +334,11 @@ def _check_serving_batch(batch, T: int) -> None:
     """Shapes and dtypes of a ServingBatch at trace time; cu_seqlens' values when concrete."""
     if not isinstance(batch, ServingBatch):
         raise TypeError(f"batch must be a layers.ServingBatch, got {type(batch).__name__}")
-    cu, idx, has = batch
+    cu, idx, has, out = batch
     for name, arr, dtype in (("cu_seqlens", cu, jnp.int32), ("state_indices", idx, jnp.int32),
-                             ("has_initial_state", has, jnp.bool_)):
-        if arr is None and name == "has_initial_state":
+                             ("has_initial_state", has, jnp.bool_),
+                             ("output_state_indices", out, jnp.int32)):
+        if arr is None and name in ("has_initial_state", "output_state_indices"):
             continue
         if not hasattr(arr, "dtype") or jnp.dtype(arr.dtype) != jnp.dtype(dtype) or arr.ndim != 1:
             raise TypeError(f"batch.{name} must be a 1-D {jnp.dtype(dtype)} array, got "
@@ -344,8 +350,9 @@ def _check_serving_batch(batch, T: int) -> None:
     if idx.shape != (N,):
         raise ValueError(f"batch.state_indices must have shape [N]=[{N}] (cu_seqlens has N + 1 "
                          f"entries), got {idx.shape}")
-    if has is not None and has.shape != (N,):
-        raise ValueError(f"batch.has_initial_state must have shape [N]=[{N}], got {has.shape}")
+    for name, arr in (("has_initial_state", has), ("output_state_indices", out)):
+        if arr is not None and arr.shape != (N,):
+            raise ValueError(f"batch.{name} must have shape [N]=[{N}], got {arr.shape}")
     vals = _concrete(cu)
     if vals is not None and (vals[0] != 0 or (np.diff(vals) < 0).any() or vals[-1] > T):
         raise ValueError(f"batch.cu_seqlens must start at 0, not decrease, and end at most at "
@@ -355,11 +362,13 @@ def _check_serving_batch(batch, T: int) -> None:
 def _with_trailing_padding(batch: ServingBatch, T: int) -> ServingBatch:
     """The batch with one more request, slot -1, holding the padding tokens after
     cu_seqlens[N] (possibly none): the op's packed sequences then cover all T tokens."""
-    cu, idx, has = batch
+    cu, idx, has, out = batch
     has = jnp.ones(idx.shape, jnp.bool_) if has is None else has
+    pad = jnp.full((1,), -1, jnp.int32)
     return ServingBatch(jnp.concatenate([cu, jnp.full((1,), T, jnp.int32)]),
-                        jnp.concatenate([idx, jnp.full((1,), -1, jnp.int32)]),
-                        jnp.concatenate([has, jnp.zeros((1,), jnp.bool_)]))
+                        jnp.concatenate([idx, pad]),
+                        jnp.concatenate([has, jnp.zeros((1,), jnp.bool_)]),
+                        None if out is None else jnp.concatenate([out, pad]))
 
 
 def _check_pools(cache, conv_dim: int, width: int, state_shape: tuple) -> None:
@@ -386,14 +395,15 @@ def packed_causal_conv1d(x: jax.Array, weight: jax.Array, conv_state: jax.Array,
     only earlier inputs of its own request, then the request's conv state (zeros when
     `has_initial_state` is False): nothing crosses a request boundary. Each request's new conv
     state (its last W pre-conv inputs, the old state's columns in front when the request has
-    fewer than W tokens) is written to its slot; padding requests (slot -1) write nothing, and
-    every other slot is left bit-identical. Returns `(y [1, T, C], new pool)`; per request,
+    fewer than W tokens) is written to its slot (`batch.output_state_indices[n]` when given;
+    -1 writes nothing); padding requests (slot -1) write nothing, and every other slot is left
+    bit-identical. Returns `(y [1, T, C], new pool)`; per request,
     equal to `causal_conv1d` on that request alone.
     """
     _, T, C = x.shape
     W = weight.shape[-1]
     P = conv_state.shape[0]
-    cu, idx, has = batch
+    cu, idx, has, out = batch
     tok = token_table(cu, T)
     reads = (idx >= 0) if has is None else (idx >= 0) & has
     slot = jnp.clip(idx, 0, P - 1)
@@ -418,7 +428,8 @@ def packed_causal_conv1d(x: jax.Array, weight: jax.Array, conv_state: jax.Array,
     from_x = xs[jnp.clip(cu[:-1, None] + d, 0, T - 1)]               # [N, W, C]
     from_prev = jnp.take_along_axis(prev, jnp.clip(W + d, 0, W - 1)[:, None, :], axis=2)
     new = jnp.where((d >= 0)[:, None, :], jnp.swapaxes(from_x, 1, 2), from_prev)
-    write = jnp.where(idx >= 0, idx, P)
+    dst = idx if out is None else out
+    write = jnp.where((idx >= 0) & (dst >= 0), dst, P)
     pool = conv_state.at[write].set(new.astype(conv_state.dtype), mode="drop")
     return y.astype(x.dtype)[None], pool
 
@@ -428,9 +439,18 @@ def _packed_op(q, k, v, a, b, pool, batch: ServingBatch, A_log, dt_bias, impl, b
     return gated_delta_net(q, k, v, a, b, initial_state=pool, output_final_state=True,
                            cu_seqlens=batch.cu_seqlens, state_indices=batch.state_indices,
                            has_initial_state=batch.has_initial_state,
+                           output_state_indices=batch.output_state_indices,
                            use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=A_log,
                            dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True, impl=impl,
                            backend=backend)
+
+
+def _state_in(state):
+    """The recurrent state (or pool) as the op takes it: float32, or kept in its 16-bit dtype
+    (the op computes in float32 and stores in that dtype: docs/spec.md 2.7)."""
+    if jnp.dtype(state.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return state
+    return state.astype(jnp.float32)
 
 
 def _conv(x, weight, conv_state, batch):
@@ -517,7 +537,7 @@ def gdn_block(params: dict, x: jax.Array, cache: LinearAttentionCache | None = N
     q = q.reshape(B, T, c.num_k_heads, c.head_k_dim)
     k = k.reshape(B, T, c.num_k_heads, c.head_k_dim)
     v = v.reshape(B, T, c.num_v_heads, c.head_v_dim)
-    o, state = _run_op(q, k, v, a, b, cache.recurrent_state.astype(jnp.float32), batch,
+    o, state = _run_op(q, k, v, a, b, _state_in(cache.recurrent_state), batch,
                        params["A_log"], params["dt_bias"], impl, backend)
     o = gated_rms_norm(o, z, params["norm"], c.rms_norm_eps, "silu")
     y = o.reshape(B, T, c.value_dim) @ params["out_proj"]
@@ -546,7 +566,7 @@ def kda_block(params: dict, x: jax.Array, cache: LinearAttentionCache | None = N
     mixed, conv_state = _conv(mixed, params["conv1d"], cache.conv_state, batch)
     q, k, v = (t.reshape(B, T, H, K) for t in jnp.split(mixed, 3, axis=-1))
     f = ((x @ params["f_a_proj"]) @ params["f_b_proj"]).reshape(B, T, H, K)  # the raw gate a
-    o, state = _run_op(q, k, v, f, x @ params["b_proj"], cache.recurrent_state.astype(jnp.float32),
+    o, state = _run_op(q, k, v, f, x @ params["b_proj"], _state_in(cache.recurrent_state),
                        batch, params["A_log"], params["dt_bias"], impl, backend)
     gate = ((x @ params["g_a_proj"]) @ params["g_b_proj"]).reshape(B, T, H, K)
     o = gated_rms_norm(o, gate, params["o_norm"], c.rms_norm_eps, "sigmoid")

@@ -139,6 +139,55 @@ def test_packed_conv_equals_causal_conv_per_request():
     np.testing.assert_array_equal(np.asarray(new[1]), np.asarray(pool[1]))  # nobody's slot
 
 
+def test_output_state_indices_write_other_slots_and_keep_the_read_ones():
+    """Request n reads slot state_indices[n] and writes slot output_state_indices[n]: the read
+    slots stay bit-identical unless written, -1 writes nothing, the written slot holds what a
+    per-request call returns (conv and recurrent state)."""
+    _, block, params, pools, x = _setup("gdn", seed=2)
+    step = jax.jit(functools.partial(block, impl="recurrent", backend="xla"))
+    reqs = [(1, 4, True), (9, 2, False), (5, 0, True), (1, 1, True), (2, 5, True), (3, -1, True)]
+    out = [3, 2, -1, 1, 0, 0]  # 4 -> 3, in place, a read-only request, in place, 5 -> 0, padding
+    b = _batch(reqs)._replace(output_state_indices=jnp.asarray(out, jnp.int32))
+    y, new = step(params, x, pools, batch=b)
+    y_ref, _ = step(params, x, pools, batch=_batch(reqs))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))  # outputs do not depend on it
+    start, written = 0, set()
+    for (n, slot, has), w in zip(reqs, out):
+        if slot >= 0 and w >= 0:
+            cache = layers.LinearAttentionCache(pools.conv_state[slot][None],
+                                                pools.recurrent_state[slot][None]) if has else None
+            _, c_n = step(params, x[:, start:start + n], cache)
+            assert rel_err(new.conv_state[w], c_n.conv_state[0]) <= RTOL, (slot, w)
+            assert rel_err(new.recurrent_state[w], c_n.recurrent_state[0]) <= RTOL, (slot, w)
+            written.add(w)
+        start += n
+    assert written == {0, 1, 2, 3}
+    for slot in set(range(P)) - written:  # 4 and 5 were read only
+        for a, b_ in zip(new, pools):
+            np.testing.assert_array_equal(np.asarray(a[slot]), np.asarray(b_[slot]))
+
+
+def test_bfloat16_state_pool_keeps_its_dtype():
+    """A bfloat16 recurrent-state pool stays bfloat16 through the serving step; each written
+    slot is the float32 computation from the same (rounded) state, within one bf16 rounding."""
+    _, block, params, pools, x = _setup("gdn", seed=3)
+    reqs = [(1, 4, True), (5, 0, True), (3, 2, False)]
+    x = x[:, :12]
+    lp = pools._replace(recurrent_state=jnp.nan_to_num(pools.recurrent_state).astype(jnp.bfloat16))
+    step = jax.jit(functools.partial(block, impl="recurrent", backend="xla"))
+    y, new = step(params, x, lp, batch=_batch(reqs))
+    assert new.recurrent_state.dtype == jnp.bfloat16
+    f32 = lp._replace(recurrent_state=lp.recurrent_state.astype(jnp.float32))
+    y32, new32 = step(params, x, f32, batch=_batch(reqs))
+    assert rel_err(y, y32) <= 1e-6
+    for _, slot, _ in reqs:
+        err = jnp.abs(new.recurrent_state[slot].astype(jnp.float32) - new32.recurrent_state[slot])
+        assert bool((err <= 2.0 ** -8 * jnp.abs(new32.recurrent_state[slot]) + 1e-30).all()), slot
+    for slot in (1, 3, 5):
+        np.testing.assert_array_equal(np.asarray(new.recurrent_state[slot].astype(jnp.float32)),
+                                      np.asarray(f32.recurrent_state[slot]))
+
+
 def test_serving_argument_errors_name_the_argument():
     _, block, params, pools, x = _setup("gdn")
     b = _batch()
@@ -157,6 +206,10 @@ def test_serving_argument_errors_name_the_argument():
         (dict(batch=b, cache=None), TypeError, "pools"),
         (dict(batch=b, x=jnp.concatenate([x, x])), ValueError, r"\[1, T, hidden\]"),
         (dict(batch=tuple(b)), TypeError, "ServingBatch"),
+        (dict(batch=b._replace(output_state_indices=b.state_indices[:-1])), ValueError,
+         r"batch.output_state_indices must have shape \[N\]"),
+        (dict(batch=b._replace(output_state_indices=b.state_indices.astype(jnp.float32))),
+         TypeError, "batch.output_state_indices"),
     ]
     for kw, err, match in cases:
         args = dict(x=x, cache=pools)
