@@ -36,7 +36,11 @@ def _free_compiled_programs():
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: start only the jobs of selected tests
 def pytest_collection_modifyitems(session, config, items):
     """Starts the background subprocess jobs of the selected tests (tests/background.py) and
-    runs their consumers last, so the jobs overlap the rest of the suite."""
+    runs their consumers last, so the jobs overlap the rest of the suite. Under pytest-xdist
+    every worker collects every test but runs only some: there a job starts when its consumer
+    asks for it (background.result), in the worker that runs it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     import background  # noqa: PLC0415
 
     late = []
