@@ -192,10 +192,7 @@ def chunked_backward(q, k, v, g, beta, initial_state, do, dht, *, scale: float,
                               interpret=interpret, tabs=tabs, P=P, state_dtype=sdt)
     dq, dk, dv, dbeta, dg = _grad_call(q, k, v, g, beta, do, Vn, dVn, hs, dhs, Tm, scale=scale,
                                        l2=l2, lp=lp, interpret=interpret, tabs=tabs, Akk=Akk)
-    grp = Hv // Hk
-    if grp > 1:   # the value heads of a key head
-        dq = dq.reshape(B, T, Hk, grp, K).sum(3)
-        dk = dk.reshape(B, T, Hk, grp, K).sum(3)
+    # dq, dk [B, T, Hk, K] float32, summed over the head group in the kernels
     if l2:  # the l2norm Jacobian, elementwise in XLA
         dq = jax.vjp(l2norm, q_in)[1](dq)[0]
         dk = jax.vjp(l2norm, k_in)[1](dk)[0]
