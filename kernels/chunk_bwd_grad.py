@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from .._common import G_MIN
 from ._chunk_ops import (CHUNK, F32, _add_rows, _causal_decay, _chunk_A, _dot, _gates, _hp, _iota,
                          _is_kda, _num_chunks, _qk_chunk, _raw_rows, _rows, _store_rows,
                          padded_rows)
@@ -249,7 +250,8 @@ def _revcumsum(dG, lp):
 def _da_chunk(k_ref, g_ref, b_ref, da_ref, db2_ref, dg2_ref, *rest, t0, T, C, l2, lp, kda):
     """Kernel 3 of a chunk's backward: A's terms (GDA: A = strict(beta KK D); KDA:
     A = beta (.) pairs(k, k), `chunk_kda._kda_pairs_bwd`) added to dk (the key head's sum),
-    dbeta and dG; then dg (the reverse cumulative sums of both parts of dG)."""
+    dbeta and dG; then dg (the reverse cumulative sums of both parts of dG), zero where the
+    gate was clamped (g < G_MIN), dg and dbeta stored in the dtypes of g and beta."""
     a_ref, _dk_in, dk_ref, db_ref, dg_ref = rest if kda else (None, *rest)
     if kda:
         beta, G, _ = _kda_gates(g_ref, b_ref, t0, C, T)
@@ -264,7 +266,8 @@ def _da_chunk(k_ref, g_ref, b_ref, da_ref, db2_ref, dg2_ref, *rest, t0, T, C, l2
         db = db + jnp.sum(dA * _rows(a_ref, t0, C, T), axis=1)
         (dxk,), dy = _kda_pairs_bwd([dA * beta[:, None]], [k], k, G, [lp])
         dk = dxk + dy
-        _store_rows(dg_ref, t0, _rows(dg2_ref, t0, C, T) + _revcumsum(k * dxk - k * dy, lp), T)
+        dg = _rows(dg2_ref, t0, C, T) + _revcumsum(k * dxk - k * dy, lp)
+        _store_rows(dg_ref, t0, _unclamped(g_ref, t0, C, T, dg), T)
     else:
         A, KK, D = _chunk_A(k, beta, G, lp)
         db = db + jnp.sum(dA * KK * D, axis=1)
@@ -273,15 +276,21 @@ def _da_chunk(k_ref, g_ref, b_ref, da_ref, db2_ref, dg2_ref, *rest, t0, T, C, l2
         MA = dA * A
         dg = (plt.load(dg2_ref.at[pl.ds(t0, C)], mask=idx < T, other=0.0)
               + _revcumsum(jnp.sum(MA, axis=1) - jnp.sum(MA, axis=0), lp))
+        dg = _unclamped(g_ref, t0, C, T, dg)
         plt.store(dg_ref.at[pl.ds(t0, C)], dg.astype(dg_ref.dtype), mask=idx < T)
     _add_rows(dk_ref, t0, dk, T)
     plt.store(db_ref.at[pl.ds(t0, C)], db.astype(db_ref.dtype), mask=idx < T)
 
 
+def _unclamped(g_ref, t0, C, T, dg):
+    """dg where the gate g >= G_MIN, 0 where it was clamped (no gradient through the clamp)."""
+    return jnp.where(_rows(g_ref, t0, C, T).astype(F32) >= G_MIN, dg, 0.0)
+
+
 def _grad_call(q, k, v, g, beta, do, Vn, dVn, hs, dhs, Tm, *, scale, l2, lp, interpret, tabs=None,
                num_warps=8, Akk=None):
-    """(dq, dk [B, T, Hk, K] float32 per key head, dv [B, T, Hv, V], dbeta [B, T, Hv] float32,
-    dg [B, T, Hv] or KDA [B, T, Hv, K] float32) by three kernels per chunk (module docstring).
+    """(dq, dk [B, T, Hk, K] float32 per key head, dv [B, T, Hv, V], dbeta [B, T, Hv] and dg
+    [B, T, Hv] or KDA [B, T, Hv, K] in the dtypes of beta and g) by three kernels per chunk (module docstring).
     dq and dk are sums the kernels add into (`_chunk_ops._add_rows`: the value heads of a key
     head, and dk's three parts), one zero-filled [B, padded_rows(T), Hk, 2K] buffer passed
     through the kernels in place (input_output_aliases; kernels 2 and 3 see its dk half).
@@ -332,12 +341,14 @@ def _grad_call(q, k, v, g, beta, do, Vn, dVn, hs, dhs, Tm, *, scale, l2, lp, int
         compiler_params=params, interpret=interpret, name=f"{pre}_dk_k{K}_v{V}_bv{bv}")(
             *t_args, k, g, beta, v, Vn, dVn, hs, dhs, Tm, dg1, dqk)
     n_in = nt + 6 + (1 if kda else 0)
+    dshape = jax.ShapeDtypeStruct(g.shape, g.dtype)
     dqk, dbeta, dg = pl.pallas_call(
         functools.partial(_per_chunk, _da_chunk, T=T, C=CHUNK, varlen=varlen, l2=l2, lp=lp,
                           kda=kda),
         grid=(B, Hv, NC),
         in_specs=[*t_specs, qk, gk, gb, ch, gb, gk, *([ch] if kda else []), acc],
-        out_specs=[acc, gb, gk], out_shape=[ashape, bshape, gshape],
+        out_specs=[acc, gb, gk],
+        out_shape=[ashape, jax.ShapeDtypeStruct(beta.shape, beta.dtype), dshape],
         input_output_aliases={n_in: 0},
         compiler_params=params, interpret=interpret, name=f"{pre}_da_k{K}")(
             *t_args, k, g, beta, dA, db2, dg2, *([Akk] if kda else []), dqk)

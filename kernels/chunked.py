@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .._common import G_MIN, l2norm
+from .._common import l2norm
 from . import _platform
 from ._checks import check_cu_seqlens, check_inputs, check_state_dtype
 from ._chunk_ops import CHUNK, F32, _lp_dtype, choose_block_v
@@ -196,6 +196,6 @@ def chunked_backward(q, k, v, g, beta, initial_state, do, dht, *, scale: float,
     if l2:  # the l2norm Jacobian, elementwise in XLA
         dq = jax.vjp(l2norm, q_in)[1](dq)[0]
         dk = jax.vjp(l2norm, k_in)[1](dk)[0]
-    dg = jnp.where(g_in.astype(F32) >= G_MIN, dg, 0.0)
+    # dg (zero where g was clamped) and dbeta come in the dtypes of g and beta from the kernels
     return (dq.astype(q_in.dtype), dk.astype(k_in.dtype), dv, dg.astype(g_in.dtype),
             dbeta.astype(beta.dtype), dh0.astype(h0_in.dtype) if h0_in is not None else None)
