@@ -6,7 +6,15 @@ times. Predictions, not measurements.
 """
 from __future__ import annotations
 
-from ._chunk_ops import CHUNK, SUB, choose_block_v
+from ._chunk_ops import CHUNK, SUB, choose_block_v, padded_rows
+
+# the gradient kernels that add dq / dk into the shared float32 buffer (`acc_shape`) atomically
+ATOMIC_STAGES = ("bwd_dqv", "bwd_dk", "bwd_da")
+
+
+def acc_shape(B, T, Hk, K):
+    """The float32 buffer the gradient kernels add dq ([.., :K]) and dk ([.., K:]) into."""
+    return (B, padded_rows(T), Hk, 2 * K)
 
 ASSUMPTIONS = (
     "Assumptions: H100 SXM, 990 TFLOP/s dense 16-bit tensor-core, 67 TFLOP/s float32 CUDA-core "
@@ -72,7 +80,8 @@ def cost_model(B, T, Hk, Hv, K, V, *, in_bytes=2, backward=True, kda=False):
     p_b = B * T * Hv * C * w if kda else 0  # KDA: P
     st_b = B * Hv * K * V * f
     hs_b = B * Hv * NC * K * V * w
-    acc_b = B * (T + C) * Hk * K * f        # a half (dq or dk) of the atomic-add buffer
+    b_, tp, hk, kk = acc_shape(B, T, Hk, K)
+    acc_b = b_ * tp * hk * kk * f // 2      # a half (dq or dk) of the atomic-add buffer
     # prep: A (KDA: the sub-block pairs of k and q), the inverse, W, U
     pair16 = 6 * d(C, C, K) if kda else d(C, C, K)
     diag32 = SUB * 22 * C * K if kda else 0
