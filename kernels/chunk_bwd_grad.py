@@ -265,8 +265,8 @@ def _da_chunk(k_ref, g_ref, b_ref, da_ref, db2_ref, dg2_ref, *rest, t0, T, C, l2
     if kda:
         db = db + jnp.sum(dA * _rows(a_ref, t0, C, T), axis=1)
         (dxk,), dy = _kda_pairs_bwd([dA * beta[:, None]], [k], k, G, [lp])
-        dk = dxk + dy
         dg = _rows(dg2_ref, t0, C, T) + _revcumsum(k * dxk - k * dy, lp)
+        _add_rows(dk_ref, t0, dxk + dy, T)   # before g's tile loads for the mask
         _store_rows(dg_ref, t0, _unclamped(g_ref, t0, C, T, dg), T)
     else:
         A, KK, D = _chunk_A(k, beta, G, lp)
@@ -278,7 +278,7 @@ def _da_chunk(k_ref, g_ref, b_ref, da_ref, db2_ref, dg2_ref, *rest, t0, T, C, l2
               + _revcumsum(jnp.sum(MA, axis=1) - jnp.sum(MA, axis=0), lp))
         dg = _unclamped(g_ref, t0, C, T, dg)
         plt.store(dg_ref.at[pl.ds(t0, C)], dg.astype(dg_ref.dtype), mask=idx < T)
-    _add_rows(dk_ref, t0, dk, T)
+        _add_rows(dk_ref, t0, dk, T)
     plt.store(db_ref.at[pl.ds(t0, C)], db.astype(db_ref.dtype), mask=idx < T)
 
 
