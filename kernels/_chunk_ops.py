@@ -205,3 +205,20 @@ def _gate_spec(g, T, K):
 
 def _p_spec(T):
     return pl.BlockSpec((None, T, None, CHUNK), lambda n, h, x: (n, 0, h, 0))
+
+
+def _add_rows(ref, t0, val, T, col=0):
+    """Atomically adds val [n, m] (rows >= T zeroed) into rows t0 .. t0+n-1, columns col ..
+    col+m-1 of a [Tp, >= col + m] float32 ref, Tp >= t0 + n (`padded_rows`): several programs
+    (the value heads of a key head, the gradient kernels one after another) sum into one
+    buffer. No mask on the add itself (the interpret-mode rule takes none): the padding rows
+    take the zeros, a packed chunk's rows past its end (the next sequence's) take + 0.0."""
+    n, m = val.shape
+    val = jnp.where(t0 + _iota(n, m, 0) < T, val.astype(F32), 0.0)
+    plt.atomic_add(ref, (pl.ds(t0, n), pl.ds(col, m)), val)
+
+
+def padded_rows(T: int) -> int:
+    """Rows of a buffer that `_add_rows` adds whole chunks into: T + CHUNK (a chunk starts at a
+    row < T, packed or not)."""
+    return T + CHUNK

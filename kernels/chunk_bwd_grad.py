@@ -1,4 +1,4 @@
-"""The gradient kernels: two per chunk, grid (B, Hv, NC), all parallel; together they do the
+"""The gradient kernels: three per chunk, grid (B, Hv, NC), all parallel; together they do the
 chunk's backward once, nothing of the WY stage or the state pass recomputed.
 
 Inputs besides q, k, v, g, beta, dO: from the forward recompute the state entering the chunk
@@ -6,18 +6,22 @@ S_c, Vn and Tm = (I + A)^-1 (KDA: also A / beta); from the reverse pass the stat
 the chunk's end dH_c and dVn. Each kernel reduces its V-dependent products over value blocks
 of BV columns in an on-chip loop (no per-block partial sums), then does its V-independent work:
 
-1. `_dqv_chunk` (output side): dP = dO Vn^T, X = dVn v^T, dOS = dO S^T, dv = beta (Tm^T dVn);
-   then dq (complete), P's terms of dk and dG (partial, float32 [.., K] / [..]).
-2. `_dk_chunk` (state and WY sides): dKd = Vn dH^T, dW = -dVn S^T, sum(S * dH); then
-   dbK = Tm^T dW, dT = dW bK^T + X diag(beta), dA = -Tm^T dT Tm^T, A's terms (GDA:
-   A = beta KK D; KDA: `chunk_kda._kda_pairs_bwd`), dk (complete), dbeta, and dg = the in-chunk
-   reverse cumulative sum of dG.
+1. `_dqv_chunk` (output side): dP = dO Vn^T, dOS = dO S^T, dv = beta (Tm^T dVn); then dq
+   (complete for the value head), P's terms of dk and dG (dG partial, float32 [..] / [.., K]).
+2. `_dk_chunk` (state and WY sides): dKd = Vn dH^T, dW = -dVn S^T, sum(S * dH), X = dVn v^T;
+   then dbK = Tm^T dW, dT = dW bK^T + X diag(beta), dA = -Tm^T dT Tm^T, its terms of dk,
+   dbeta and dG.
+3. `_da_chunk`: A's terms (GDA: A = beta KK D; KDA: `chunk_kda._kda_pairs_bwd`) of dk, dbeta
+   and dG; dg = the in-chunk reverse cumulative sum of dG.
 
+dq and dk are summed in the kernels: each kernel atomically adds its float32 terms into one
+zero-filled [B, T + C, Hk, 2K] buffer per key head (`_chunk_ops._add_rows`), so the head group
+and dk's three parts meet there and only [B, T, Hk, K] reaches XLA (the l2norm Jacobian and the
+cast). The order of the float32 adds is the hardware's (not bitwise reproducible on GPU).
 16-bit inputs: the products with 16-bit operands on tensor cores; the WY chain's float32
-products (Tm, dW, dT, dA) as bf16x3 tensor-core dots (`_chunk_ops.X3`). dq, dk are per value
-head (the head group is summed in XLA). Strong decay: exactly-one decay factors (P's diagonal,
-Kd of the chunk's last real token) are constants and their dG terms are masked out instead of
-cancelling (SPEC section 4).
+products (Tm, dW, dT, dA) as bf16x3 tensor-core dots (`_chunk_ops.X3`). Strong decay:
+exactly-one decay factors (P's diagonal, Kd of the chunk's last real token) are constants and
+their dG terms are masked out instead of cancelling (SPEC section 4).
 """
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from ._chunk_ops import (CHUNK, F32, _causal_decay, _chunk_A, _dot, _gates, _hp, _iota, _is_kda,
-                         _num_chunks, _qk_chunk, _raw_rows, _rows, _store_rows)
+from .._common import G_MIN
+from ._chunk_ops import (CHUNK, F32, _add_rows, _causal_decay, _chunk_A, _dot, _gates, _hp, _iota,
+                         _is_kda, _num_chunks, _qk_chunk, _raw_rows, _rows, _store_rows,
+                         padded_rows)
 from ._chunk_varlen import _span, _table_args
 from .chunk_kda import _kda_gates, _kda_pairs_bwd
 
@@ -46,57 +52,59 @@ def _cols(ref, t0, n, T, j, bv):
     return plt.load(ref.at[pl.ds(t0, n), pl.ds(j * bv, bv)], mask=idx < T, other=0.0)
 
 
-def _value_loop(v_ref, do_ref, vn_ref, dvn_ref, hs_ref, dv_ref, Tm, beta, *, t0, T, C, lp, bv):
-    """The output side of one chunk, reduced over V: dP = dO Vn^T, X = dVn v^T ([C, C]),
-    dOS = dO S^T ([C, K]); and dv = beta (Tm^T dVn), stored block by block. A loop, not
-    unrolled: one value block's operands are live at a time."""
+def _value_loop(do_ref, vn_ref, dvn_ref, hs_ref, dv_ref, Tm, beta, *, t0, T, C, lp, bv):
+    """The output side of one chunk, reduced over V: dP = dO Vn^T ([C, C]), dOS = dO S^T
+    ([C, K]); and dv = beta (Tm^T dVn), stored block by block. A loop, not unrolled: one value
+    block's operands are live at a time."""
     K, V = hs_ref.shape
 
     def body(j, carry):
-        dP, X, dOS = carry
+        dP, dOS = carry
         dO = _cols(do_ref, t0, C, T, j, bv)
         Vn = _cols(vn_ref, t0, C, T, j, bv)
         dVn = _cols(dvn_ref, t0, C, T, j, bv)
-        v = _cols(v_ref, t0, C, T, j, bv)
         S = hs_ref[:, pl.ds(j * bv, bv)]
         dbV = _dot(Tm, dVn, ta=True, lp=_hp(lp))
         idx = t0 + _iota(C, bv, 0)
         plt.store(dv_ref.at[pl.ds(t0, C), pl.ds(j * bv, bv)],
                   (beta[:, None] * dbV).astype(dv_ref.dtype), mask=idx < T)
-        return (dP + _dot(dO, Vn, tb=True, lp=lp), X + _dot(dVn, v, tb=True, lp=lp),
-                dOS + _dot(dO, S, tb=True, lp=lp))
+        return dP + _dot(dO, Vn, tb=True, lp=lp), dOS + _dot(dO, S, tb=True, lp=lp)
 
-    z = jnp.zeros((C, C), F32)
-    return jax.lax.fori_loop(0, V // bv, body, (z, z, jnp.zeros((C, K), F32)))
+    return jax.lax.fori_loop(0, V // bv, body, (jnp.zeros((C, C), F32), jnp.zeros((C, K), F32)))
 
 
-def _state_loop(vn_ref, dvn_ref, hs_ref, dhs_ref, *, t0, T, C, lp, bv, per_key,
-                parts=("dKd", "dW")):
-    """The state side of one chunk, reduced over V: dKd = Vn dH^T, dW = -dVn S^T ([C, K])
-    and sum(S * dH) (per key for KDA), or only dKd (parts=("dKd",)) or only dW and
-    sum(S * dH) (parts=("dW",)): two loops keep one [C, K] accumulator live at a time."""
+def _state_loop(vn_ref, dvn_ref, hs_ref, dhs_ref, v_ref, *, t0, T, C, lp, bv, per_key,
+                parts=("dKd", "dW", "X")):
+    """The state side of one chunk, reduced over V: dKd = Vn dH^T, dW = -dVn S^T ([C, K]),
+    sum(S * dH) (per key for KDA) and X = dVn v^T ([C, C]); parts picks dKd and/or dW (with
+    sum(S * dH)) and/or X, returned in that order: two loops keep one [C, K] accumulator live
+    at a time."""
     K, V = hs_ref.shape
-    want_dkd, want_dw = "dKd" in parts, "dW" in parts
+    want_dkd, want_dw, want_x = "dKd" in parts, "dW" in parts, "X" in parts
 
     def body(j, carry):
-        dKd, dW, sSdH = carry
+        dKd, dW, sSdH, X = carry
         Vn = _cols(vn_ref, t0, C, T, j, bv) if want_dkd else None
-        dVn = _cols(dvn_ref, t0, C, T, j, bv) if want_dw else None
+        dVn = _cols(dvn_ref, t0, C, T, j, bv) if want_dw or want_x else None
         S = hs_ref[:, pl.ds(j * bv, bv)] if want_dw else None
-        dH = dhs_ref[:, pl.ds(j * bv, bv)]
+        dH = dhs_ref[:, pl.ds(j * bv, bv)] if want_dkd or want_dw else None
         if want_dw:
             SdH = S.astype(F32) * dH.astype(F32)
             sSdH = sSdH + (jnp.sum(SdH, axis=1) if per_key else jnp.sum(SdH))
             dW = dW - _dot(dVn, S, tb=True, lp=lp)
         if want_dkd:
             dKd = dKd + _dot(Vn, dH, tb=True, lp=lp)
-        return dKd, dW, sSdH
+        if want_x:
+            X = X + _dot(dVn, _cols(v_ref, t0, C, T, j, bv), tb=True, lp=lp)
+        return dKd, dW, sSdH, X
 
     z = jnp.zeros((C, K), F32)
     s0 = jnp.zeros((K,), F32) if per_key else jnp.zeros((), F32)
-    dKd, dW, sSdH = jax.lax.fori_loop(
-        0, V // bv, body, (z if want_dkd else None, z if want_dw else None, s0))
-    return tuple(x for x, w in ((dKd, want_dkd), (dW, want_dw), (sSdH, want_dw)) if w)
+    dKd, dW, sSdH, X = jax.lax.fori_loop(
+        0, V // bv, body, (z if want_dkd else None, z if want_dw else None, s0,
+                           jnp.zeros((C, C), F32) if want_x else None))
+    return tuple(x for x, w in ((dKd, want_dkd), (dW, want_dw), (sSdH, want_dw), (X, want_x))
+                 if w)
 
 
 def _per_chunk(body, *refs, T, C, varlen, **kw):
@@ -111,18 +119,18 @@ def _per_chunk(body, *refs, T, C, varlen, **kw):
         kern()
 
 
-def _dqv_chunk(q_ref, k_ref, g_ref, b_ref, v_ref, do_ref, vn_ref, dvn_ref, hs_ref, tm_ref,
-               dq_ref, dk_ref, dv_ref, dg_ref, x_ref, *, t0, T, C, scale, l2, lp, bv, kda):
-    """Kernel 1 of a chunk's backward: the output side. dv; dq (complete); the P terms of dk and
-    dG (partial, completed by kernel 2); X for kernel 2's WY terms."""
+def _dqv_chunk(q_ref, k_ref, g_ref, b_ref, do_ref, vn_ref, dvn_ref, hs_ref, tm_ref, _dqk_in,
+               dqk_ref, dv_ref, dg_ref, *, t0, T, C, scale, l2, lp, bv, kda):
+    """Kernel 1 of a chunk's backward: the output side. dv; dq (complete for this value head)
+    and the P terms of dk, added into the key head's float32 sums; dG's P terms (partial,
+    completed by kernel 2)."""
     if kda:
         beta, G, _ = _kda_gates(g_ref, b_ref, t0, C, T)
     else:
         _, beta, G, _ = _gates(g_ref, b_ref, t0, C, T)
     Tm = _rows(tm_ref, t0, C, T)
-    dP, X, dOS = _value_loop(v_ref, do_ref, vn_ref, dvn_ref, hs_ref, dv_ref, Tm, beta, t0=t0, T=T,
-                             C=C, lp=lp, bv=bv)
-    _store_rows(x_ref, t0, X, T)
+    dP, dOS = _value_loop(do_ref, vn_ref, dvn_ref, hs_ref, dv_ref, Tm, beta, t0=t0, T=T, C=C,
+                          lp=lp, bv=bv)
     q, k = _qk_chunk(q_ref, k_ref, t0, C, T, l2, scale)
     ii, jj = _iota(C, C, 0), _iota(C, C, 1)
     dP = jnp.where(ii >= jj, dP, 0.0)
@@ -143,29 +151,31 @@ def _dqv_chunk(q_ref, k_ref, g_ref, b_ref, v_ref, do_ref, vn_ref, dvn_ref, hs_re
         MP = jnp.where(ii > jj, dP * _dot(q, k, tb=True, lp=lp) * Dc, 0.0)  # diagonal: factor 1
         dG = dG + jnp.sum(MP, axis=1) - jnp.sum(MP, axis=0)
         dk = _dot(dQK, q, ta=True, lp=lp)
-    _store_rows(dq_ref, t0, dq * scale, T)
-    _store_rows(dk_ref, t0, dk, T)
+    K = dq.shape[1]
+    _add_rows(dqk_ref, t0, dq * scale, T)
+    _add_rows(dqk_ref, t0, dk, T, col=K)
     if kda:
         _store_rows(dg_ref, t0, dG, T)
     else:
         plt.store(dg_ref.at[pl.ds(t0, C)], dG, mask=t0 + jnp.arange(C) < T)
 
 
-def _dk_chunk(k_ref, g_ref, b_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_ref, x_ref, dg1_ref,
-              dk_ref, da_ref, db_ref, dg_ref, *, t0, T, C, l2, lp, bv, kda):
-    """Kernel 2 of a chunk's backward: the state and WY sides. dA for kernel 3; its part of dk;
-    dbeta and dg with kernel 1's part added (A's terms follow in kernel 3)."""
+def _dk_chunk(k_ref, g_ref, b_ref, v_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_ref, dg1_ref,
+              _dk_in, dk_ref, da_ref, db_ref, dg_ref, *, t0, T, C, l2, lp, bv, kda):
+    """Kernel 2 of a chunk's backward: the state and WY sides. dA for kernel 3; its part of dk
+    (added into the key head's sum); dbeta (but A's terms) and dg with kernel 1's part added
+    (A's terms follow in kernel 3)."""
     K = k_ref.shape[-1]
     if kda:
         beta, G, Gl = _kda_gates(g_ref, b_ref, t0, C, T)
     else:
         _, beta, G, Gl = _gates(g_ref, b_ref, t0, C, T)
-    loop = functools.partial(_state_loop, vn_ref, dvn_ref, hs_ref, dhs_ref, t0=t0, T=T, C=C,
-                             lp=lp, bv=bv, per_key=kda)
+    loop = functools.partial(_state_loop, vn_ref, dvn_ref, hs_ref, dhs_ref, v_ref, t0=t0, T=T,
+                             C=C, lp=lp, bv=bv, per_key=kda)
     if kda:
-        dKd, dW, sSdH = loop()
+        dKd, dW, sSdH, X = loop()
     else:   # GDA: the WY side first, dKd after it (one [C, K] accumulator live at a time)
-        dW, sSdH = loop(parts=("dW",))
+        dW, sSdH, X = loop(parts=("dW", "X"))
     if kda:
         k, _ = _qk_chunk(k_ref, None, t0, C, T, l2, 1.0)
     else:   # k as loaded and its l2 factors (l2norm(k) = rk k): no float32 [C, K] tile of k
@@ -173,8 +183,8 @@ def _dk_chunk(k_ref, g_ref, b_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_ref, x_r
     last = jnp.minimum(C, T - t0) - 1          # the chunk's last real row
     eG = jnp.exp(G)
     hp = _hp(lp)
-    X = _rows(x_ref, t0, C, T)
     Tm = _rows(tm_ref, t0, C, T)
+    dbv = jnp.sum(Tm * X, axis=0)   # sum_V v (.) (Tm^T dVn) = column sums of Tm (.) X
     # S' = e^Gl S + Kd^T Vn with Kd = k e^(Gl - G) (exactly 1 on the last real row); then
     # Vn = U - W S, W = Tm bK, U = Tm bV with bK = beta e^G (.) k, Tm = (I + A)^-1
     if kda:
@@ -192,10 +202,10 @@ def _dk_chunk(k_ref, g_ref, b_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_ref, x_r
         _store_dA(da_ref, t0, dT, Tm, T, hp)
         dbK = _dot(Tm, dW, ta=True, lp=lp)
         ekdbK = eG * k * dbK
-        dbeta = jnp.sum(ekdbK, axis=1)
+        dbeta = jnp.sum(ekdbK, axis=1) + dbv
         dG = dG + beta[:, None] * ekdbK
         _store_rows(dg_ref, t0, _revcumsum(dG, lp), T)
-        _store_rows(dk_ref, t0, dKd + bE * dbK, T)
+        _add_rows(dk_ref, t0, dKd + bE * dbK, T)
     else:
         row = jnp.arange(C)
         bE = (beta * eG)[:, None]
@@ -204,7 +214,7 @@ def _dk_chunk(k_ref, g_ref, b_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_ref, x_r
         dbK = _dot(Tm, dW, ta=True, lp=hp)
         kf = k.astype(F32)
         kdbK = rk * jnp.sum(kf * dbK, axis=1)
-        dbeta = eG * kdbK
+        dbeta = eG * kdbK + dbv
         dGl = jnp.exp(Gl) * sSdH
         dG = _rows(dg1_ref, t0, C, T) + bE[:, 0] * kdbK
         dbK = bE * dbK
@@ -213,7 +223,7 @@ def _dk_chunk(k_ref, g_ref, b_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_ref, x_r
         t = jnp.where(row == last, 0.0, dec * rk * jnp.sum(kf * dKd, axis=1))
         dG = dG - t + jnp.where(row == C - 1, jnp.sum(t) + dGl, 0.0)
         plt.store(dg_ref.at[pl.ds(t0, C)], _revcumsum(dG, lp), mask=t0 + row < T)
-        _store_rows(dk_ref, t0, dec[:, None] * dKd + dbK, T)
+        _add_rows(dk_ref, t0, dec[:, None] * dKd + dbK, T)
     plt.store(db_ref.at[pl.ds(t0, C)], dbeta, mask=t0 + jnp.arange(C) < T)
 
 
@@ -237,12 +247,12 @@ def _revcumsum(dG, lp):
     return _dot(jnp.where(ii >= jj, 1.0, 0.0), dG, ta=True)
 
 
-def _da_chunk(k_ref, g_ref, b_ref, tm_ref, x_ref, da_ref, dk1_ref, dk2_ref, db2_ref, dg2_ref,
-              *rest, t0, T, C, l2, lp, kda):
+def _da_chunk(k_ref, g_ref, b_ref, da_ref, db2_ref, dg2_ref, *rest, t0, T, C, l2, lp, kda):
     """Kernel 3 of a chunk's backward: A's terms (GDA: A = strict(beta KK D); KDA:
-    A = beta (.) pairs(k, k), `chunk_kda._kda_pairs_bwd`) added to dk, dbeta and dG; then
-    dg (the reverse cumulative sums of both parts of dG)."""
-    a_ref, dk_ref, db_ref, dg_ref = rest if kda else (None, *rest)
+    A = beta (.) pairs(k, k), `chunk_kda._kda_pairs_bwd`) added to dk (the key head's sum),
+    dbeta and dG; then dg (the reverse cumulative sums of both parts of dG), zero where the
+    gate was clamped (g < G_MIN), dg and dbeta stored in the dtypes of g and beta."""
+    a_ref, _dk_in, dk_ref, db_ref, dg_ref = rest if kda else (None, *rest)
     if kda:
         beta, G, _ = _kda_gates(g_ref, b_ref, t0, C, T)
     else:
@@ -251,14 +261,13 @@ def _da_chunk(k_ref, g_ref, b_ref, tm_ref, x_ref, da_ref, dk1_ref, dk2_ref, db2_
     dA = _rows(da_ref, t0, C, T)
     idx = t0 + jnp.arange(C)
     db = plt.load(db2_ref.at[pl.ds(t0, C)], mask=idx < T, other=0.0)
-    # sum_V v (.) (Tm^T dVn) = column sums of Tm (.) X
-    db = db + jnp.sum(_rows(tm_ref, t0, C, T) * _rows(x_ref, t0, C, T), axis=0)
     hp = _hp(lp)
     if kda:
         db = db + jnp.sum(dA * _rows(a_ref, t0, C, T), axis=1)
         (dxk,), dy = _kda_pairs_bwd([dA * beta[:, None]], [k], k, G, [lp])
-        dk = dxk + dy
-        _store_rows(dg_ref, t0, _rows(dg2_ref, t0, C, T) + _revcumsum(k * dxk - k * dy, lp), T)
+        dg = _rows(dg2_ref, t0, C, T) + _revcumsum(k * dxk - k * dy, lp)
+        _add_rows(dk_ref, t0, dxk + dy, T)   # before g's tile loads for the mask
+        _store_rows(dg_ref, t0, _unclamped(g_ref, t0, C, T, dg), T)
     else:
         A, KK, D = _chunk_A(k, beta, G, lp)
         db = db + jnp.sum(dA * KK * D, axis=1)
@@ -267,22 +276,33 @@ def _da_chunk(k_ref, g_ref, b_ref, tm_ref, x_ref, da_ref, dk1_ref, dk2_ref, db2_
         MA = dA * A
         dg = (plt.load(dg2_ref.at[pl.ds(t0, C)], mask=idx < T, other=0.0)
               + _revcumsum(jnp.sum(MA, axis=1) - jnp.sum(MA, axis=0), lp))
+        dg = _unclamped(g_ref, t0, C, T, dg)
         plt.store(dg_ref.at[pl.ds(t0, C)], dg.astype(dg_ref.dtype), mask=idx < T)
-    _store_rows(dk_ref, t0, dk + _rows(dk1_ref, t0, C, T) + _rows(dk2_ref, t0, C, T), T)
+        _add_rows(dk_ref, t0, dk, T)
     plt.store(db_ref.at[pl.ds(t0, C)], db.astype(db_ref.dtype), mask=idx < T)
+
+
+def _unclamped(g_ref, t0, C, T, dg):
+    """dg where the gate g >= G_MIN, 0 where it was clamped (no gradient through the clamp)."""
+    return jnp.where(_rows(g_ref, t0, C, T).astype(F32) >= G_MIN, dg, 0.0)
 
 
 def _grad_call(q, k, v, g, beta, do, Vn, dVn, hs, dhs, Tm, *, scale, l2, lp, interpret, tabs=None,
                num_warps=8, Akk=None):
-    """(dq, dk [B, T, Hv, K] float32 per value head, dv [B, T, Hv, V], dbeta [B, T, Hv] float32,
-    dg [B, T, Hv] or KDA [B, T, Hv, K] float32) by two kernels per chunk (module docstring).
+    """(dq, dk [B, T, Hk, K] float32 per key head, dv [B, T, Hv, V], dbeta [B, T, Hv] and dg
+    [B, T, Hv] or KDA [B, T, Hv, K] in the dtypes of beta and g) by three kernels per chunk (module docstring).
+    dq and dk are sums the kernels add into (`_chunk_ops._add_rows`: the value heads of a key
+    head, and dk's three parts), one zero-filled [B, padded_rows(T), Hk, 2K] buffer passed
+    through the kernels in place (input_output_aliases; kernels 2 and 3 see its dk half).
     KDA: A / beta from the prep kernel."""
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     NC = _num_chunks(T, tabs)
     bv = choose_grad_block_v(V, K)
     group = Hv // Hk
+    Tp = padded_rows(T)
     qk = pl.BlockSpec((None, T, None, K), lambda n, h, c: (n, 0, h // group, 0))
+    acc = pl.BlockSpec((None, Tp, None, K), lambda n, h, c: (n, 0, h // group, 1))   # dk
     vh = pl.BlockSpec((None, T, None, V), lambda n, h, c: (n, 0, h, 0))
     kh = pl.BlockSpec((None, T, None, K), lambda n, h, c: (n, 0, h, 0))
     gb = pl.BlockSpec((None, T, None), lambda n, h, c: (n, 0, h))
@@ -290,37 +310,46 @@ def _grad_call(q, k, v, g, beta, do, Vn, dVn, hs, dhs, Tm, *, scale, l2, lp, int
     kda = _is_kda(g)
     hs_spec = pl.BlockSpec((None, None, None, K, V), lambda n, h, c: (n, h, c, 0, 0))
     t_specs, t_args = _table_args(tabs, chunk_only=True)
+    nt = len(t_args)
     params = plt.CompilerParams(num_warps=num_warps, num_stages=1)
     pre = f"gdn_chunk_{'kda_' if kda else ''}bwd"
     varlen = tabs is not None
     gk = kh if kda else gb
     gshape = jax.ShapeDtypeStruct((B, T, Hv, K) if kda else (B, T, Hv), F32)
-    kshape = jax.ShapeDtypeStruct((B, T, Hv, K), F32)
-    dq, dk1, dv, dg1, X = pl.pallas_call(
+    # dq and dk side by side: [.., :K] dq, [.., K:] dk (one buffer through the three kernels)
+    ashape = jax.ShapeDtypeStruct((B, Tp, Hk, 2 * K), F32)
+    both = pl.BlockSpec((None, Tp, None, 2 * K), lambda n, h, c: (n, 0, h // group, 0))
+    n_in = nt + 9
+    dqk, dv, dg1 = pl.pallas_call(
         functools.partial(_per_chunk, _dqv_chunk, T=T, C=CHUNK, varlen=varlen, scale=float(scale),
                           l2=l2, lp=lp, bv=bv, kda=kda),
-        grid=(B, Hv, NC), in_specs=[*t_specs, qk, qk, gk, gb, vh, vh, vh, vh, hs_spec, ch],
-        out_specs=[kh, kh, vh, gk, ch],
-        out_shape=[kshape, kshape, jax.ShapeDtypeStruct((B, T, Hv, V), v.dtype), gshape,
-                   jax.ShapeDtypeStruct((B, T, Hv, CHUNK), F32)],
+        grid=(B, Hv, NC), in_specs=[*t_specs, qk, qk, gk, gb, vh, vh, vh, hs_spec, ch, both],
+        out_specs=[both, vh, gk],
+        out_shape=[ashape, jax.ShapeDtypeStruct((B, T, Hv, V), v.dtype), gshape],
+        input_output_aliases={n_in: 0},
         compiler_params=params, interpret=interpret, name=f"{pre}_dqv_k{K}_v{V}_bv{bv}")(
-            *t_args, q, k, g, beta, v, do, Vn, dVn, hs, Tm)
+            *t_args, q, k, g, beta, do, Vn, dVn, hs, Tm, jnp.zeros(ashape.shape, F32))
     cshape = jax.ShapeDtypeStruct((B, T, Hv, CHUNK), F32)
     bshape = jax.ShapeDtypeStruct((B, T, Hv), F32)
-    dk2, dA, db2, dg2 = pl.pallas_call(
+    dqk, dA, db2, dg2 = pl.pallas_call(
         functools.partial(_per_chunk, _dk_chunk, T=T, C=CHUNK, varlen=varlen, l2=l2, lp=lp, bv=bv,
                           kda=kda),
         grid=(B, Hv, NC),
-        in_specs=[*t_specs, qk, gk, gb, vh, vh, hs_spec, hs_spec, ch, ch, gk],
-        out_specs=[kh, ch, gb, gk], out_shape=[kshape, cshape, bshape, gshape],
+        in_specs=[*t_specs, qk, gk, gb, vh, vh, vh, hs_spec, hs_spec, ch, gk, acc],
+        out_specs=[acc, ch, gb, gk], out_shape=[ashape, cshape, bshape, gshape],
+        input_output_aliases={nt + 10: 0},
         compiler_params=params, interpret=interpret, name=f"{pre}_dk_k{K}_v{V}_bv{bv}")(
-            *t_args, k, g, beta, Vn, dVn, hs, dhs, Tm, X, dg1)
-    dk, dbeta, dg = pl.pallas_call(
+            *t_args, k, g, beta, v, Vn, dVn, hs, dhs, Tm, dg1, dqk)
+    n_in = nt + 6 + (1 if kda else 0)
+    dshape = jax.ShapeDtypeStruct(g.shape, g.dtype)
+    dqk, dbeta, dg = pl.pallas_call(
         functools.partial(_per_chunk, _da_chunk, T=T, C=CHUNK, varlen=varlen, l2=l2, lp=lp,
                           kda=kda),
         grid=(B, Hv, NC),
-        in_specs=[*t_specs, qk, gk, gb, ch, ch, ch, kh, kh, gb, gk, *([ch] if kda else [])],
-        out_specs=[kh, gb, gk], out_shape=[kshape, bshape, gshape],
+        in_specs=[*t_specs, qk, gk, gb, ch, gb, gk, *([ch] if kda else []), acc],
+        out_specs=[acc, gb, gk],
+        out_shape=[ashape, jax.ShapeDtypeStruct(beta.shape, beta.dtype), dshape],
+        input_output_aliases={n_in: 0},
         compiler_params=params, interpret=interpret, name=f"{pre}_da_k{K}")(
-            *t_args, k, g, beta, Tm, X, dA, dk1, dk2, db2, dg2, *([Akk] if kda else []))
-    return dq, dk, dv, dbeta, dg
+            *t_args, k, g, beta, dA, db2, dg2, *([Akk] if kda else []), dqk)
+    return dqk[:, :T, :, :K], dqk[:, :T, :, K:], dv, dbeta, dg

@@ -6,7 +6,15 @@ times. Predictions, not measurements.
 """
 from __future__ import annotations
 
-from ._chunk_ops import CHUNK, SUB, choose_block_v
+from ._chunk_ops import CHUNK, SUB, choose_block_v, padded_rows
+
+# the gradient kernels that add dq / dk into the shared float32 buffer (`acc_shape`) atomically
+ATOMIC_STAGES = ("bwd_dqv", "bwd_dk", "bwd_da")
+
+
+def acc_shape(B, T, Hk, K):
+    """The float32 buffer the gradient kernels add dq ([.., :K]) and dk ([.., K:]) into."""
+    return (B, padded_rows(T), Hk, 2 * K)
 
 ASSUMPTIONS = (
     "Assumptions: H100 SXM, 990 TFLOP/s dense 16-bit tensor-core, 67 TFLOP/s float32 CUDA-core "
@@ -15,7 +23,9 @@ ASSUMPTIONS = (
     "kernels, launch gaps ignored). FLOPs: 2 m n k per dot, summed over every program of the grid "
     "(masked dots counted whole; elementwise work, exps and reductions not counted). Bytes: each "
     "distinct array a kernel reads or writes counted once (re-reads of a q / k head by the value "
-    "heads of its group, and of a chunk's operands by the value blocks of a head, are L2 hits). "
+    "heads of its group, and of a chunk's operands by the value blocks of a head, are L2 hits); "
+    "a float32 buffer the kernels add into atomically (dq, dk per key head) counts a read and a "
+    "write per kernel (the value heads of a key head add while its lines are in L2). "
     "16-bit inputs: W, U, Vn, dVn and the backward's per-chunk states in the input dtype, the WY "
     "chain's float32 products as bf16x3 (three tensor-core dots); float32 inputs: every dot an "
     "IEEE float32 dot.")
@@ -36,7 +46,8 @@ def cost_model(B, T, Hk, Hv, K, V, *, in_bytes=2, backward=True, kda=False):
     """[(kernel, grid, tensor-core FLOPs, float32 CUDA-core FLOPs, HBM bytes)] for one call.
 
     kernel: the pallas_call name's stage ("prep", "fwd", "states", "bwd_state", "bwd_dqv",
-    "bwd_dk", "bwd_da") or "xla epilogue"; grid: the launched grid (None for XLA). The
+    "bwd_dk", "bwd_da") or "xla zero-fill" / "xla epilogue"; grid: the launched grid (None for
+    XLA). The
     backward rows (prefixed "bwd: ") are the backward program's kernels, prep included.
     """
     C = CHUNK
@@ -69,7 +80,8 @@ def cost_model(B, T, Hk, Hv, K, V, *, in_bytes=2, backward=True, kda=False):
     p_b = B * T * Hv * C * w if kda else 0  # KDA: P
     st_b = B * Hv * K * V * f
     hs_b = B * Hv * NC * K * V * w
-    kf_b = B * T * Hv * K * f              # a float32 [B, T, Hv, K] (dq, dk parts)
+    b_, tp, hk, kk = acc_shape(B, T, Hk, K)
+    acc_b = b_ * tp * hk * kk * f // 2      # a half (dq or dk) of the atomic-add buffer
     # prep: A (KDA: the sub-block pairs of k and q), the inverse, W, U
     pair16 = 6 * d(C, C, K) if kda else d(C, C, K)
     diag32 = SUB * 22 * C * K if kda else 0
@@ -89,28 +101,30 @@ def cost_model(B, T, Hk, Hv, K, V, *, in_bytes=2, backward=True, kda=False):
     add("bwd: bwd_state", (B, Hv, nvb),
         NC * (qk_fwd + d(C, C, bv) + d(C, K, bv) + 2 * d(K, C, bv)), 0,
         2 * qk_b + g_b + kw_b + v_b + st_b + hs_b + st_b + vw_b + p_b)
-    # kernel 1: dP, X, dOS over V, dv = beta Tm^T dVn (bf16x3); dq, P's terms of dk, dG
+    # XLA: the zero fill of the float32 [B, T + C, Hk, 2K] buffer the kernels add dq, dk into
+    add("bwd: xla zero-fill", None, 0, 0, 2 * acc_b)
+    # kernel 1: dP, dOS over V, dv = beta Tm^T dVn (bf16x3); dq, P's terms of dk (added into
+    # both halves of the buffer), dG
     pairs_bwd = (2 * 3 * d(C, C, K), SUB * 15 * C * K) if kda else (3 * d(C, C, K), 0)
     add("bwd: bwd_dqv", (B, Hv, NC),
-        2 * d(C, C, V) + d(C, K, V) + x3 * d(C, C, V) + pairs_bwd[0], pairs_bwd[1],
-        2 * qk_b + g_b + b_b + v_b + v_b + 2 * vw_b + hs_b + c_b
-        + 2 * kf_b + v_b + g_b + c_b)
-    # kernel 2: dKd, dW over V; dT, dA, dbK (bf16x3); KDA: dg's masked dot
+        d(C, C, V) + d(C, K, V) + x3 * d(C, C, V) + pairs_bwd[0], pairs_bwd[1],
+        2 * qk_b + g_b + b_b + v_b + 2 * vw_b + hs_b + c_b
+        + 2 * 2 * acc_b + v_b + g_b)
+    # kernel 2: dKd, dW, X = dVn v^T over V; dT, dA, dbK (bf16x3); KDA: dg's masked dot
     add("bwd: bwd_dk", (B, Hv, NC),
-        2 * d(C, K, V) + x3 * (d(C, C, K) + 2 * d(C, C, C) + d(C, C, K)
-                               + (d(C, C, K) if kda else 0)), 0,
-        qk_b + g_b + b_b + 2 * vw_b + 2 * hs_b + 2 * c_b + g_b + kf_b + c_b + b_b + g_b)
+        2 * d(C, K, V) + d(C, C, V) + x3 * (d(C, C, K) + 2 * d(C, C, C) + d(C, C, K)
+                                            + (d(C, C, K) if kda else 0)), 0,
+        qk_b + g_b + b_b + v_b + 2 * vw_b + 2 * hs_b + c_b + g_b
+        + 2 * acc_b + c_b + b_b + g_b)
     # kernel 3: A's terms (GDA: k k^T, dKK k, dKK^T k; KDA: the sub-block pairs' cotangents)
     da16 = (x3 * (2 * 3 * d(C, C, K) + d(C, C, K))) if kda else d(C, C, K) + x3 * 2 * d(C, C, K)
     add("bwd: bwd_da", (B, Hv, NC), da16, SUB * 15 * C * K if kda else 0,
-        qk_b + g_b + b_b + 3 * c_b + 2 * kf_b + b_b + g_b + (c_b if kda else 0)
-        + kf_b + b_b + g_b)
-    # XLA epilogue: the head-group sum of dq, dk (when Hv > Hk), the l2norm Jacobian, dg's clamp
-    # mask, casts to the input dtypes
-    grp = Hv > Hk
-    add("bwd: xla epilogue", None, 0, 0,
-        2 * kf_b + 2 * qk_b + 2 * qk_b + 2 * g_b + b_b + B * T * Hv * in_bytes
-        + (2 * B * T * Hk * K * f if grp else 0))
+        qk_b + g_b + b_b + c_b + b_b + g_b + (c_b if kda else 0)
+        + 2 * acc_b + b_b + g_b)
+    # XLA epilogue: the l2norm Jacobian of dq, dk [B, T, Hk, K] (float32 in, q and k read),
+    # casts to the input dtypes (dg's clamp mask and the dg, dbeta dtypes are kernel 3's)
+    kk_b = B * T * Hk * K * f
+    add("bwd: xla epilogue", None, 0, 0, 2 * kk_b + 2 * qk_b + 2 * qk_b)
     return out
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .._common import G_MIN, l2norm
+from .._common import l2norm
 from . import _platform
 from ._checks import check_cu_seqlens, check_inputs, check_state_dtype
 from ._chunk_ops import CHUNK, F32, _lp_dtype, choose_block_v
@@ -192,13 +192,10 @@ def chunked_backward(q, k, v, g, beta, initial_state, do, dht, *, scale: float,
                               interpret=interpret, tabs=tabs, P=P, state_dtype=sdt)
     dq, dk, dv, dbeta, dg = _grad_call(q, k, v, g, beta, do, Vn, dVn, hs, dhs, Tm, scale=scale,
                                        l2=l2, lp=lp, interpret=interpret, tabs=tabs, Akk=Akk)
-    grp = Hv // Hk
-    if grp > 1:   # the value heads of a key head
-        dq = dq.reshape(B, T, Hk, grp, K).sum(3)
-        dk = dk.reshape(B, T, Hk, grp, K).sum(3)
+    # dq, dk [B, T, Hk, K] float32, summed over the head group in the kernels
     if l2:  # the l2norm Jacobian, elementwise in XLA
         dq = jax.vjp(l2norm, q_in)[1](dq)[0]
         dk = jax.vjp(l2norm, k_in)[1](dk)[0]
-    dg = jnp.where(g_in.astype(F32) >= G_MIN, dg, 0.0)
+    # dg (zero where g was clamped) and dbeta come in the dtypes of g and beta from the kernels
     return (dq.astype(q_in.dtype), dk.astype(k_in.dtype), dv, dg.astype(g_in.dtype),
             dbeta.astype(beta.dtype), dh0.astype(h0_in.dtype) if h0_in is not None else None)

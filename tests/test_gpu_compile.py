@@ -204,7 +204,7 @@ def test_varlen_token_loop_is_a_for_loop():
 # (docs/pallas_chunked_report.md, jaxlib 0.10.2). Zero: every GDA kernel, and the KDA reverse
 # state pass. The KDA kernels that still spill: prep
 # (416 B: the pairwise sub-block terms), the output pass (44 B) and the state-only pass (28 B,
-# the [C, K] gate tiles next to the state), the gradient kernels (2,388 / 860 / 1,352 B: the
+# the [C, K] gate tiles next to the state), the gradient kernels (2,364 / 872 / 1,332 B: the
 # pairwise cotangents next to the [C, K] gate tiles). The bounds catch regressions and must hold
 # on both ends of the supported JAX range: the same kernel source can spill differently with
 # another jaxlib's Triton and LLVM.
