@@ -74,16 +74,20 @@ def _kda_pairs_bwd(Ms, xs, k, G, lps):
     dk_jd = sum_n sum_i M_n,ij x_n,id E_ijd. lps: the dot operand dtype per n."""
     C, K = k.shape
     ii, cc = _iota(C, C, 0), _iota(C, C, 1)
-    dxs = [jnp.zeros((C, K), F32) for _ in xs]
-    dk = jnp.zeros((C, K), F32)
-    for a in range(1, C // SUB):
+    def off(a, carry):   # row block a against the rows before it (a loop: one step live)
+        dxs, dk = carry
         L, R = _boundary(G, a)
         kR = k * R
         blk = (ii // SUB == a) & (cc <= a * SUB - 1)
+        dxs = list(dxs)
         for n, (M, x, lp) in enumerate(zip(Ms, xs, lps)):
             Ma = jnp.where(blk, M, 0.0)
             dxs[n] = dxs[n] + _dot(Ma, kR, lp=lp) * L
             dk = dk + _dot(Ma, x * L, ta=True, lp=lp) * R
+        return tuple(dxs), dk
+
+    dxs, dk = jax.lax.fori_loop(1, C // SUB, off, (tuple(jnp.zeros((C, K), F32) for _ in xs),
+                                                   jnp.zeros((C, K), F32)))
     src = (ii // SUB) * SUB
 
     def body(jj, carry):
