@@ -40,12 +40,17 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
     vn_ref = next(it) if store_vn else None
     K = q_ref.shape[-1]
     BV = u_ref.shape[-1]
+    # KDA carries the state transposed, S^T [BV, K]: its update is then Vn^T Kd (Kd as the
+    # dot's second operand, as loaded) and the per-key decay a row broadcast; ptxas (sm_90a,
+    # K = V = 128, bf16): the output pass 80 -> 0 B spills. Loads and stores transpose it.
+    tr = kda
+    ld = (lambda x: x.T) if tr else (lambda x: x)   # [K, BV] <-> the carried layout
     if varlen:   # the first chunk is always a sequence's first chunk: it loads the state
-        S = jnp.zeros((K, BV), F32)
+        S = ld(jnp.zeros((K, BV), F32))
         if store_ht:
             _fill_empty(empty_ref, h0_ref, ht_ref, N, (K, BV))
     else:
-        S = h0_ref[...].astype(F32) if has_h0 else jnp.zeros((K, BV), F32)
+        S = ld(h0_ref[...].astype(F32)) if has_h0 else ld(jnp.zeros((K, BV), F32))
     i, j = _iota(C, C, 0), _iota(C, C, 1)
     causal = i >= j
 
@@ -57,23 +62,23 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
             seq, first, last = _seq_flags(row)
             if not has_h0:
                 S = jnp.where(first, 0.0, S)
-            elif store_o:
+            elif store_o and not tr:
                 S = _load_state_if(h0_ref, seq, first, S)
             else:
                 # ptxas (sm_90a, K = V = 128, bf16): the in-place load costs the state-only
                 # pass 31 registers and 12 KiB of layout-conversion smem (157 vs 126, 1 vs 2
                 # blocks/SM); a zero-filled load and a select do not. The output pass is the
                 # other way round (80 vs 92 B spills).
-                S = jnp.where(first, _load_state_if(h0_ref, seq, first, 0.0), S)
+                S = jnp.where(first, ld(_load_state_if(h0_ref, seq, first, 0.0)), S)
         else:
             t0, T_ = c * C, T
         if store_states:
-            hs_ref[c] = S.astype(hs_ref.dtype)
+            hs_ref[c] = ld(S).astype(hs_ref.dtype)
         g = jnp.maximum(_rows(g_ref, t0, C, T_).astype(F32), G_MIN)
         if kda:   # G [C, K], Gl [K]: per-key decays
             G = jnp.cumsum(g, axis=0)
             Gl = _row(G, C - 1)
-            dGl, eG, eGl = Gl[None, :] - G, jnp.exp(G), jnp.exp(Gl)[:, None]
+            dGl = None if store_o else Gl[None, :] - G
         else:
             G = jnp.cumsum(g)
             Gl = _last(G)
@@ -86,12 +91,12 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
                 k = _l2n(k)
             Kd = cast(k * jnp.exp(dGl))
         elif kda:
-            # per-key decays on the [C, K] tiles: both 16-bit operands (Kd, e^G q) formed
-            # before W and U are loaded, so the float32 [C, K] gate tiles die here
-            k, rk = _raw_rows(k_ref, t0, C, T_, l2)
-            Kd = cast(k.astype(F32) * (rk[:, None] * jnp.exp(dGl)))
+            # per-key decays on the [C, K] tiles: both 16-bit operands (e^G q, Kd) formed
+            # before W and U are loaded, one float32 [C, K] exp at a time beside G
             q, rq = _raw_rows(q_ref, t0, C, T_, l2, scale)
-            qe = cast(q.astype(F32) * (rq[:, None] * eG))
+            qe = cast(q.astype(F32) * (rq[:, None] * jnp.exp(G)))
+            k, rk = _raw_rows(k_ref, t0, C, T_, l2)
+            Kd = cast(k.astype(F32) * (rk[:, None] * jnp.exp(Gl[None, :] - G)))
         else:
             # GDA: the decays and the l2 norms are per row, so they scale the [C, BV] and
             # [C, C] operands and results instead of the [C, K] tiles: q and k enter the dots
@@ -99,24 +104,26 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
             k, rk = _raw_rows(k_ref, t0, C, T_, l2)
         W = _rows(w_ref, t0, C, T_)
         U = _rows(u_ref, t0, C, T_).astype(F32)
-        Vn = U - _dot(W, S, lp=lp)
+        Vn = U - _dot(W, S, tb=tr, lp=lp)
         if store_vn:   # the backward's gradient kernel reads Vn instead of recomputing it
             _store_rows(vn_ref, t0, Vn, T_)
         if store_o:
             if kda:   # the causal pairwise block from the prep kernel
-                o = _dot(qe, S, lp=lp) + _dot(_rows(p_ref, t0, C, T_), Vn, lp=lp)
+                o = _dot(qe, S, tb=tr, lp=lp) + _dot(_rows(p_ref, t0, C, T_), Vn, lp=lp)
             else:
                 q, rq = _raw_rows(q_ref, t0, C, T_, l2, scale)
                 P = jnp.where(causal, (rq[:, None] * rk[None, :]) * _dot(q, k, tb=True, lp=lp) *
                               jnp.exp(jnp.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
                 o = (eG * rq[:, None]) * _dot(q, S, lp=lp) + _dot(P, Vn, lp=lp)
             _store_rows(o_ref, t0, o, T_)
-        if kda or not store_o:
+        if tr:
+            S = jnp.exp(Gl)[None, :] * S + _dot(Vn, Kd, ta=True, lp=lp)
+        elif not store_o:
             S = eGl * S + _dot(Kd, Vn, ta=True, lp=lp)
         else:
             S = eGl * S + _dot(k, (rk[:, None] * jnp.exp(dGl)) * Vn, ta=True, lp=lp)
         if varlen and store_ht:
-            _store_state_if(ht_ref, seq, S, last)
+            _store_state_if(ht_ref, seq, ld(S), last)
         return S
 
     if varlen:
@@ -124,7 +131,7 @@ def _state_kernel(*refs, T, C, NC, scale, l2, lp, has_h0, store_o, store_ht, sto
     else:
         S = jax.lax.fori_loop(0, NC, body, S)
         if store_ht:
-            ht_ref[...] = S
+            ht_ref[...] = ld(S)
 
 
 def _state_call(q, k, g, W, U, h0, *, Hv, scale, l2, lp, store_o, store_ht, store_states,

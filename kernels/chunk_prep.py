@@ -11,7 +11,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from ._chunk_ops import (CHUNK, F32, _chunk_A, _dot, _gates, _gate_spec, _inv_unit_lower, _iota,
-                         _is_kda, _l2n, _num_chunks, _p_spec, _qk_chunk, _rows, _specs,
+                         _is_kda, _l2n, _num_chunks, _p_spec, _raw_rows, _rows, _specs,
                          _store_rows)
 from ._chunk_varlen import _span, _table_args
 from .chunk_kda import _kda_gates, _kda_pairs
@@ -33,27 +33,41 @@ def _prep_kernel(*refs, T, C, l2, lp, varlen, kda=False, scale=1.0, backward=Fal
         k_ref, v_ref, g_ref, b_ref, w_ref, u_ref = refs
     t0, end = _span(ctab_ref, pl.program_id(2), C, T)
 
+    def kda_pairs():
+        """(A, beta, beta exp(G) k in the dots' operand dtype). q and k enter the pairwise
+        terms as loaded, their l2 norms (and the scale) as row / column factors of the [C, C]
+        results, so no normalised float32 [C, K] tile is held; the W operand is formed (and
+        rounded to its 16-bit dot dtype) while G is live, so G dies before the pairs' loops.
+        ptxas (sm_90a, bf16, K = V = 128): 984 -> 0 B spills with `_kda_pairs`."""
+        k, rk = _raw_rows(k_ref, t0, C, end, l2)
+        q, rq = _raw_rows(q_ref, t0, C, end, l2, scale)
+        beta, G, _ = _kda_gates(g_ref, b_ref, t0, C, end)
+        bK = (k.astype(F32) * ((beta * rk)[:, None] * jnp.exp(G))).astype(F32 if lp is None else lp)
+        Kk, Pq = _kda_pairs([k_ref, q_ref], [k, q], k, G, g_ref, t0, end, lp)
+        qk = jnp.sum(q.astype(F32) * k.astype(F32), axis=1)
+        ii, cc = _iota(C, C, 0), _iota(C, C, 1)
+        rkc = rk[None, :]
+        P = rq[:, None] * (Pq * rkc + jnp.where(ii == cc, (qk * rk)[:, None], 0.0))
+        _store_rows(p_ref, t0, P, end)
+        Akk = rk[:, None] * Kk * rkc
+        if backward:
+            _store_rows(a_ref, t0, Akk, end)
+        return beta[:, None] * Akk, beta, bK
+
     def run():
-        k = _rows(k_ref, t0, C, end).astype(F32)
-        if l2:
-            k = _l2n(k)
-        v = _rows(v_ref, t0, C, end)
         if kda:
-            q, _ = _qk_chunk(q_ref, None, t0, C, end, l2, scale)
-            beta, G, _ = _kda_gates(g_ref, b_ref, t0, C, end)
-            Akk, Pqk = _kda_pairs([k, q], k, G, lp)
-            A = beta[:, None] * Akk
-            bK = beta[:, None] * jnp.exp(G) * k
-            ii, cc = _iota(C, C, 0), _iota(C, C, 1)
-            P = Pqk + jnp.where(ii == cc, jnp.sum(q * k, axis=1)[:, None], 0.0)
-            _store_rows(p_ref, t0, P, end)
-            if backward:
-                _store_rows(a_ref, t0, Akk, end)
+            A, beta, bK = kda_pairs()
+            Tm = _inv_unit_lower(A)
+            v = _rows(v_ref, t0, C, end)
         else:
+            k = _rows(k_ref, t0, C, end).astype(F32)
+            if l2:
+                k = _l2n(k)
+            v = _rows(v_ref, t0, C, end)
             _, beta, G, _ = _gates(g_ref, b_ref, t0, C, end)
             A, _, _ = _chunk_A(k, beta, G, lp)
             bK = (beta * jnp.exp(G))[:, None] * k
-        Tm = _inv_unit_lower(A)
+            Tm = _inv_unit_lower(A)
         if backward:
             _store_rows(tm_ref, t0, Tm, end)
         bV = beta[:, None] * v.astype(F32)
