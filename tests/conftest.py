@@ -37,8 +37,9 @@ def _free_compiled_programs():
 def pytest_collection_modifyitems(session, config, items):
     """Starts the background subprocess jobs of the selected tests (tests/background.py) and
     runs their consumers last, so the jobs overlap the rest of the suite. Under pytest-xdist
-    every worker collects every test but runs only some: there a job starts when its consumer
-    asks for it (background.result), in the worker that runs it."""
+    (not what CI runs) every worker collects every test but runs only some: there a job starts
+    when its consumer asks for it (background.result), in the worker that runs it, and no
+    longer overlaps the rest (the compile job then needs a machine with cores to spare)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return
     import background  # noqa: PLC0415
