@@ -120,22 +120,15 @@ def _kda_pairs(x_refs, xs, k, G, g_ref, t0, T, lp):
     d are loaded from x_refs (rows t0 + d .., never before the chunk), so x_(j+d) sits on row
     j beside k_j, and exp(G_(j+d) - G_j) = exp(the sum of the gates of rows j+1 .. j+d), that
     sum carried over d (each exp argument <= 0). No column-source tile is extracted or
-    broadcast; the loop's working set is k, the running gate sum and the [C, C] results.
-    ptxas (sm_90a, bf16, K = 128): the prep kernel 984 -> 0 B spills against the column-offset
-    form that `_kda_pairs_bwd` keeps."""
+    broadcast; the loop's working set is k, the running gate sum and the [C, C] results."""
     C, K = k.shape
     ii, cc = _iota(C, C, 0), _iota(C, C, 1)
     row = _iota(C, K, 0)
     wdt = F32 if lp is None else lp
 
     def off(a, outs):   # row block a against the rows before it, through r = a * SUB - 1
-        r = a * SUB - 1
-        Gr = _row(G, r)[None, :]
-        bef = row <= r
-        kR = jnp.where(bef, k.astype(F32) * jnp.exp(jnp.where(bef, Gr - G, 0.0)), 0.0)
-        kR = kR.astype(wdt)
-        ina = row // SUB == a
-        L = jnp.where(ina, jnp.exp(jnp.where(ina, G - Gr, 0.0)), 0.0)
+        L, R = _boundary(G, a)
+        kR = (k.astype(F32) * R).astype(wdt)
         return tuple(o + _dot(x.astype(F32) * L, kR, tb=True, lp=lp) for o, x in zip(outs, xs))
 
     outs = jax.lax.fori_loop(1, C // SUB, off, tuple(jnp.zeros((C, C), F32) for _ in xs))
