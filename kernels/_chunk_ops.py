@@ -95,19 +95,24 @@ def _inv_unit_lower(A):
     return _cat2(_cat2(T11, jnp.zeros_like(T11), 1), _cat2(T21, T22, 1), 0)
 
 
-def _rows(ref, t0, n, T, other=0.0):
-    """Rows t0 .. t0+n-1 of a [T, ...] ref, zeros beyond T."""
+def _rows(ref, t0, n, T, other=0.0, col=0, width=None):
+    """Rows t0 .. t0+n-1 of a [T, ...] ref, zeros beyond T; of a [T, K] ref the columns col ..
+    col+width-1 (all when width is None)."""
     if len(ref.shape) == 1:
         idx = t0 + jnp.arange(n)
         return plt.load(ref.at[pl.ds(t0, n)], mask=idx < T, other=other)
-    idx = t0 + _iota(n, ref.shape[1], 0)
-    return plt.load(ref.at[pl.ds(t0, n), :], mask=idx < T, other=other)
+    w = ref.shape[1] if width is None else width
+    idx = t0 + _iota(n, w, 0)
+    cols = slice(None) if width is None else pl.ds(col, w)
+    return plt.load(ref.at[pl.ds(t0, n), cols], mask=idx < T, other=other)
 
 
-def _store_rows(ref, t0, val, T):
-    n = val.shape[0]
-    idx = t0 + _iota(n, val.shape[1], 0)
-    plt.store(ref.at[pl.ds(t0, n), :], val.astype(ref.dtype), mask=idx < T)
+def _store_rows(ref, t0, val, T, col=0):
+    """Stores val [n, m] into rows t0 .. t0+n-1 (those < T), columns col .. col+m-1."""
+    n, m = val.shape
+    idx = t0 + _iota(n, m, 0)
+    cols = slice(None) if m == ref.shape[1] else pl.ds(col, m)
+    plt.store(ref.at[pl.ds(t0, n), cols], val.astype(ref.dtype), mask=idx < T)
 
 
 def _l2n(x):

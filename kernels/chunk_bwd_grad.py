@@ -11,7 +11,7 @@ of BV columns in an on-chip loop (no per-block partial sums), then does its V-in
 2. `_dk_chunk` (state and WY sides): dKd = Vn dH^T, dW = -dVn S^T, sum(S * dH), X = dVn v^T;
    then dbK = Tm^T dW, dT = dW bK^T + X diag(beta), dA = -Tm^T dT Tm^T, its terms of dk,
    dbeta and dG.
-3. `_da_chunk`: A's terms (GDA: A = beta KK D; KDA: `chunk_kda._kda_pairs_bwd`) of dk, dbeta
+3. `_da_chunk`: A's terms (GDA: A = beta KK D; KDA: `chunk_kda._pairs_dx`, `_pairs_dk`) of dk, dbeta
    and dG; dg = the in-chunk reverse cumulative sum of dG.
 
 dq and dk are summed in the kernels: each kernel atomically adds its float32 terms into one
@@ -37,7 +37,7 @@ from ._chunk_ops import (CHUNK, F32, _add_rows, _causal_decay, _chunk_A, _dot, _
                          _is_kda, _num_chunks, _qk_chunk, _raw_rows, _rows, _store_rows,
                          padded_rows)
 from ._chunk_varlen import _span, _table_args
-from .chunk_kda import _kda_gates, _kda_pairs_bwd
+from .chunk_kda import _gate_cumsum, _kda_gates, _pairs_dk, _pairs_dx
 
 
 def choose_grad_block_v(V: int, K: int) -> int:
@@ -52,29 +52,37 @@ def _cols(ref, t0, n, T, j, bv):
     return plt.load(ref.at[pl.ds(t0, n), pl.ds(j * bv, bv)], mask=idx < T, other=0.0)
 
 
-def _value_loop(do_ref, vn_ref, dvn_ref, hs_ref, dv_ref, Tm, beta, *, t0, T, C, lp, bv):
+def _value_loop(do_ref, vn_ref, dvn_ref, hs_ref, dv_ref, Tm, beta, *, t0, T, C, lp, bv, col=0,
+                width=None, dp=True):
     """The output side of one chunk, reduced over V: dP = dO Vn^T ([C, C]), dOS = dO S^T
-    ([C, K]); and dv = beta (Tm^T dVn), stored block by block. A loop, not unrolled: one value
-    block's operands are live at a time."""
+    ([C, K], or of the state's rows col .. col+width-1: [C, width]); and dv = beta (Tm^T dVn),
+    stored block by block. dp=False: dOS alone (dP and dv come from another call). A loop, not
+    unrolled: one value block's operands are live at a time."""
     K, V = hs_ref.shape
+    w = K if width is None else width
+    rows = slice(None) if width is None else pl.ds(col, w)
 
     def body(j, carry):
         dP, dOS = carry
         dO = _cols(do_ref, t0, C, T, j, bv)
+        dOS = dOS + _dot(dO, hs_ref[rows, pl.ds(j * bv, bv)], tb=True, lp=lp)
+        if not dp:
+            return dP, dOS
         Vn = _cols(vn_ref, t0, C, T, j, bv)
         dVn = _cols(dvn_ref, t0, C, T, j, bv)
-        S = hs_ref[:, pl.ds(j * bv, bv)]
         dbV = _dot(Tm, dVn, ta=True, lp=_hp(lp))
         idx = t0 + _iota(C, bv, 0)
         plt.store(dv_ref.at[pl.ds(t0, C), pl.ds(j * bv, bv)],
                   (beta[:, None] * dbV).astype(dv_ref.dtype), mask=idx < T)
-        return dP + _dot(dO, Vn, tb=True, lp=lp), dOS + _dot(dO, S, tb=True, lp=lp)
+        return dP + _dot(dO, Vn, tb=True, lp=lp), dOS
 
-    return jax.lax.fori_loop(0, V // bv, body, (jnp.zeros((C, C), F32), jnp.zeros((C, K), F32)))
+    dP0 = jnp.zeros((C, C), F32) if dp else None
+    dP, dOS = jax.lax.fori_loop(0, V // bv, body, (dP0, jnp.zeros((C, w), F32)))
+    return (dP, dOS) if dp else dOS
 
 
 def _state_loop(vn_ref, dvn_ref, hs_ref, dhs_ref, v_ref, *, t0, T, C, lp, bv, per_key,
-                parts=("dKd", "dW", "X")):
+                parts):
     """The state side of one chunk, reduced over V: dKd = Vn dH^T, dW = -dVn S^T ([C, K]),
     sum(S * dH) (per key for KDA) and X = dVn v^T ([C, C]); parts picks dKd and/or dW (with
     sum(S * dH)) and/or X, returned in that order: two loops keep one [C, K] accumulator live
@@ -125,39 +133,67 @@ def _dqv_chunk(q_ref, k_ref, g_ref, b_ref, do_ref, vn_ref, dvn_ref, hs_ref, tm_r
     and the P terms of dk, added into the key head's float32 sums; dG's P terms (partial,
     completed by kernel 2)."""
     if kda:
-        beta, G, _ = _kda_gates(g_ref, b_ref, t0, C, T)
-    else:
-        _, beta, G, _ = _gates(g_ref, b_ref, t0, C, T)
+        return _dqv_kda(q_ref, k_ref, g_ref, b_ref, do_ref, vn_ref, dvn_ref, hs_ref, tm_ref,
+                        dqk_ref, dv_ref, dg_ref, t0=t0, T=T, C=C, scale=scale, l2=l2, lp=lp, bv=bv)
+    _, beta, G, _ = _gates(g_ref, b_ref, t0, C, T)
     Tm = _rows(tm_ref, t0, C, T)
     dP, dOS = _value_loop(do_ref, vn_ref, dvn_ref, hs_ref, dv_ref, Tm, beta, t0=t0, T=T, C=C,
                           lp=lp, bv=bv)
-    q, k = _qk_chunk(q_ref, k_ref, t0, C, T, l2, scale)
     ii, jj = _iota(C, C, 0), _iota(C, C, 1)
     dP = jnp.where(ii >= jj, dP, 0.0)
+    # O = (e^G q) S + P Vn with P = (q k^T) (.) Dc
+    q, k = _qk_chunk(q_ref, k_ref, t0, C, T, l2, scale)
     eG = jnp.exp(G)
-    if kda:   # O = (e^G q) S + P Vn, P = pairs(q, k) + diag(q . k) (`chunk_kda`)
-        dq = eG * dOS
-        dG = q * dq
-        (dxq,), dy = _kda_pairs_bwd([dP], [q], k, G, [lp])
-        dPd = jnp.sum(jnp.where(ii == jj, dP, 0.0), axis=1)[:, None]
-        dq = dq + dxq + dPd * k
-        dk = dy + dPd * q
-        dG = dG + q * dxq - k * dy
-    else:     # O = (e^G q) S + P Vn with P = (q k^T) (.) Dc
-        Dc = _causal_decay(G)
-        dQK = dP * Dc
-        dq = _dot(dQK, k, lp=lp) + eG[:, None] * dOS
-        dG = eG * jnp.sum(q * dOS, axis=1)
-        MP = jnp.where(ii > jj, dP * _dot(q, k, tb=True, lp=lp) * Dc, 0.0)  # diagonal: factor 1
-        dG = dG + jnp.sum(MP, axis=1) - jnp.sum(MP, axis=0)
-        dk = _dot(dQK, q, ta=True, lp=lp)
-    K = dq.shape[1]
+    Dc = _causal_decay(G)
+    dQK = dP * Dc
+    dq = _dot(dQK, k, lp=lp) + eG[:, None] * dOS
+    dG = eG * jnp.sum(q * dOS, axis=1)
+    MP = jnp.where(ii > jj, dP * _dot(q, k, tb=True, lp=lp) * Dc, 0.0)  # diagonal: factor 1
+    dG = dG + jnp.sum(MP, axis=1) - jnp.sum(MP, axis=0)
+    dk = _dot(dQK, q, ta=True, lp=lp)
     _add_rows(dqk_ref, t0, dq * scale, T)
-    _add_rows(dqk_ref, t0, dk, T, col=K)
-    if kda:
-        _store_rows(dg_ref, t0, dG, T)
-    else:
-        plt.store(dg_ref.at[pl.ds(t0, C)], dG, mask=t0 + jnp.arange(C) < T)
+    _add_rows(dqk_ref, t0, dk, T, col=q.shape[1])
+    plt.store(dg_ref.at[pl.ds(t0, C)], dG, mask=t0 + jnp.arange(C) < T)
+
+
+def key_window(K: int) -> int:
+    """Key columns per step of the KDA gradient kernels' pairwise cotangents (elementwise in
+    the key channel, so a [C, K] tile splits into [C, 64] windows): 64, or K when smaller."""
+    return min(K, 64)
+
+
+def _dqv_kda(q_ref, k_ref, g_ref, b_ref, do_ref, vn_ref, dvn_ref, hs_ref, tm_ref, dqk_ref,
+             dv_ref, dg_ref, *, t0, T, C, scale, l2, lp, bv):
+    """Kernel 1 for KDA: O = (e^G q) S + P Vn with P = pairs(q, k) + diag(q . k)
+    (`chunk_kda`). One key window of w columns at a time (`key_window`): dOS's columns by a
+    V loop over the state's rows of the window (the first window's loop also gives dP and
+    dv), then dq's and dk's window, added into the sums, and dG's window stored. q and k enter
+    as their row factors (qn = rq q, kn = rk k) and their windows' tiles, loaded where used."""
+    K = q_ref.shape[1]
+    w = key_window(K)
+    beta = _rows(b_ref, t0, C, T).astype(F32)
+    Tm = _rows(tm_ref, t0, C, T)
+    _, rq = _raw_rows(q_ref, t0, C, T, l2, scale)
+    _, rk = _raw_rows(k_ref, t0, C, T, l2)
+    loop = functools.partial(_value_loop, do_ref, vn_ref, dvn_ref, hs_ref, dv_ref, Tm, beta,
+                             t0=t0, T=T, C=C, lp=lp, bv=bv, width=w)
+    ii, jj = _iota(C, C, 0), _iota(C, C, 1)
+    dP = dPd = None
+    for c in range(0, K, w):
+        if dP is None:
+            dP, dOS = loop(col=c)
+            dP = jnp.where(ii >= jj, dP, 0.0)
+            dPd = jnp.sum(jnp.where(ii == jj, dP, 0.0), axis=1)[:, None]
+        else:
+            dOS = loop(col=c, dp=False)
+        eG = jnp.exp(_gate_cumsum(g_ref, t0, C, T, c, w))
+        win = functools.partial(_rows, t0=t0, n=C, T=T, col=c, width=w)
+        dq = _pairs_dx(dP, rk, k_ref, g_ref, t0, T, lp, eG * dOS, c)
+        dG = (rq[:, None] * dq) * win(q_ref).astype(F32)    # the diagonal's dG terms: 0
+        _add_rows(dqk_ref, t0, (dq + (dPd * rk[:, None]) * win(k_ref)) * scale, T, col=c)
+        dk = _pairs_dk(dP, rq, q_ref, g_ref, t0, T, lp, c, w)
+        _add_rows(dqk_ref, t0, dk + (dPd * rq[:, None]) * win(q_ref), T, col=K + c)
+        _store_rows(dg_ref, t0, dG - (rk[:, None] * dk) * win(k_ref), T, col=c)
 
 
 def _dk_chunk(k_ref, g_ref, b_ref, v_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_ref, dg1_ref,
@@ -172,14 +208,10 @@ def _dk_chunk(k_ref, g_ref, b_ref, v_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_r
         _, beta, G, Gl = _gates(g_ref, b_ref, t0, C, T)
     loop = functools.partial(_state_loop, vn_ref, dvn_ref, hs_ref, dhs_ref, v_ref, t0=t0, T=T,
                              C=C, lp=lp, bv=bv, per_key=kda)
-    if kda:
-        dKd, dW, sSdH, X = loop()
-    else:   # GDA: the WY side first, dKd after it (one [C, K] accumulator live at a time)
-        dW, sSdH, X = loop(parts=("dW", "X"))
-    if kda:
-        k, _ = _qk_chunk(k_ref, None, t0, C, T, l2, 1.0)
-    else:   # k as loaded and its l2 factors (l2norm(k) = rk k): no float32 [C, K] tile of k
-        k, rk = _raw_rows(k_ref, t0, C, T, l2)
+    # the WY side first, dKd after it (one [C, K] accumulator live at a time); k as loaded and
+    # its l2 factors (l2norm(k) = rk k): no float32 [C, K] tile of k
+    dW, sSdH, X = loop(parts=("dW", "X"))
+    k, rk = _raw_rows(k_ref, t0, C, T, l2)
     last = jnp.minimum(C, T - t0) - 1          # the chunk's last real row
     eG = jnp.exp(G)
     hp = _hp(lp)
@@ -188,24 +220,28 @@ def _dk_chunk(k_ref, g_ref, b_ref, v_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_r
     # S' = e^Gl S + Kd^T Vn with Kd = k e^(Gl - G) (exactly 1 on the last real row); then
     # Vn = U - W S, W = Tm bK, U = Tm bV with bK = beta e^G (.) k, Tm = (I + A)^-1
     if kda:
-        row = _iota(C, K, 0)
-        islast = row == last
-        dec = jnp.where(islast, 1.0, jnp.exp(jnp.where(islast, 0.0, Gl[None, :] - G)))
-        dKd = dec * dKd
-        t = jnp.where(islast, 0.0, k * dKd)    # d/dG_j of k_j e^(Gl - G_j); + that for Gl
-        dGl = jnp.sum(t, axis=0) + jnp.exp(Gl) * sSdH
-        dG = _rows(dg1_ref, t0, C, T) - t + jnp.where(row == C - 1, dGl[None, :], 0.0)
+        kn = rk[:, None] * k.astype(F32)
         bE = beta[:, None] * eG
         # KDA in 16-bit: the [C, K] products in the input dtype (bf16x3 operands do not fit
         # next to the per-key gate tiles)
-        dT = _dot(dW, bE * k, tb=True, lp=lp) + X * beta[None, :]
+        dT = _dot(dW, bE * kn, tb=True, lp=lp) + X * beta[None, :]
         _store_dA(da_ref, t0, dT, Tm, T, hp)
         dbK = _dot(Tm, dW, ta=True, lp=lp)
-        ekdbK = eG * k * dbK
+        _add_rows(dk_ref, t0, bE * dbK, T)
+        ekdbK = eG * kn * dbK
         dbeta = jnp.sum(ekdbK, axis=1) + dbv
-        dG = dG + beta[:, None] * ekdbK
+        dG = _rows(dg1_ref, t0, C, T) + beta[:, None] * ekdbK
+        (dKd,) = loop(parts=("dKd",))
+        row = _iota(C, K, 0)
+        islast = row == last
+        G = _gate_cumsum(g_ref, t0, C, T)
+        dec = jnp.where(islast, 1.0, jnp.exp(jnp.where(islast, 0.0, Gl[None, :] - G)))
+        dKd = dec * dKd
+        t = jnp.where(islast, 0.0, rk[:, None] * k.astype(F32) * dKd)   # d/dG_j of e^(Gl - G_j)
+        dGl = jnp.sum(t, axis=0) + jnp.exp(Gl) * sSdH                    # and that for Gl
+        dG = dG - t + jnp.where(row == C - 1, dGl[None, :], 0.0)
         _store_rows(dg_ref, t0, _revcumsum(dG, lp), T)
-        _add_rows(dk_ref, t0, dKd + bE * dbK, T)
+        _add_rows(dk_ref, t0, dKd, T)
     else:
         row = jnp.arange(C)
         bE = (beta * eG)[:, None]
@@ -249,26 +285,32 @@ def _revcumsum(dG, lp):
 
 def _da_chunk(k_ref, g_ref, b_ref, da_ref, db2_ref, dg2_ref, *rest, t0, T, C, l2, lp, kda):
     """Kernel 3 of a chunk's backward: A's terms (GDA: A = strict(beta KK D); KDA:
-    A = beta (.) pairs(k, k), `chunk_kda._kda_pairs_bwd`) added to dk (the key head's sum),
+    A = beta (.) pairs(k, k), `chunk_kda._pairs_dx`, `_pairs_dk`) added to dk (the key head's sum),
     dbeta and dG; then dg (the reverse cumulative sums of both parts of dG), zero where the
     gate was clamped (g < G_MIN), dg and dbeta stored in the dtypes of g and beta."""
     a_ref, _dk_in, dk_ref, db_ref, dg_ref = rest if kda else (None, *rest)
-    if kda:
-        beta, G, _ = _kda_gates(g_ref, b_ref, t0, C, T)
-    else:
-        _, beta, G, _ = _gates(g_ref, b_ref, t0, C, T)
-    k, _ = _qk_chunk(k_ref, None, t0, C, T, l2, 1.0)
     dA = _rows(da_ref, t0, C, T)
     idx = t0 + jnp.arange(C)
     db = plt.load(db2_ref.at[pl.ds(t0, C)], mask=idx < T, other=0.0)
     hp = _hp(lp)
-    if kda:
+    if kda:   # one key window at a time (`key_window`); k as its row factors and window tiles
+        beta = _rows(b_ref, t0, C, T).astype(F32)
         db = db + jnp.sum(dA * _rows(a_ref, t0, C, T), axis=1)
-        (dxk,), dy = _kda_pairs_bwd([dA * beta[:, None]], [k], k, G, [lp])
-        dg = _rows(dg2_ref, t0, C, T) + _revcumsum(k * dxk - k * dy, lp)
-        _add_rows(dk_ref, t0, dxk + dy, T)   # before g's tile loads for the mask
-        _store_rows(dg_ref, t0, _unclamped(g_ref, t0, C, T, dg), T)
+        M = dA * beta[:, None]
+        _, rk = _raw_rows(k_ref, t0, C, T, l2)
+        w = key_window(k_ref.shape[1])
+        for c in range(0, k_ref.shape[1], w):
+            win = functools.partial(_rows, t0=t0, n=C, T=T, col=c, width=w)
+            dx = _pairs_dx(M, rk, k_ref, g_ref, t0, T, lp, jnp.zeros((C, w), F32), c)
+            _add_rows(dk_ref, t0, dx, T, col=c)
+            dG = (rk[:, None] * dx) * win(k_ref).astype(F32)
+            dy = _pairs_dk(M, rk, k_ref, g_ref, t0, T, lp, c, w)
+            _add_rows(dk_ref, t0, dy, T, col=c)   # before g's tile loads for the mask
+            dg = win(dg2_ref) + _revcumsum(dG - (rk[:, None] * dy) * win(k_ref), lp)
+            _store_rows(dg_ref, t0, jnp.where(win(g_ref).astype(F32) >= G_MIN, dg, 0.0), T, col=c)
     else:
+        _, beta, G, _ = _gates(g_ref, b_ref, t0, C, T)
+        k, _ = _qk_chunk(k_ref, None, t0, C, T, l2, 1.0)
         A, KK, D = _chunk_A(k, beta, G, lp)
         db = db + jnp.sum(dA * KK * D, axis=1)
         dKK = dA * beta[:, None] * D

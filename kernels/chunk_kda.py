@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import triton as plt
 
 from .._common import G_MIN
 from ._chunk_ops import F32, SUB, _dot, _iota, _row, _rows
@@ -13,10 +14,10 @@ from ._chunk_ops import F32, SUB, _dot, _iota, _row, _rows
 # per row block a of (x * exp(G - G_r)) restricted to block a with (k * exp(G_r - G)) restricted
 # to rows <= r, r = a * SUB - 1 the boundary row; both factors <= 1 for g <= 0. Diagonal
 # sub-blocks exactly, every pair its own exp(G_i - G_j), computed only where i > j (the
-# argument is masked before exp): the prep kernel one row offset i - j at a time from shifted
-# loads (`_kda_pairs`), the backward one column offset jj at a time (all four sub-blocks at
-# once, `_kda_pairs_bwd`). The backward uses the same off-diagonal split; its gate gradient is dG = x * dx - k * dk (G_r cancels exactly, so it is
-# held constant: nothing is differentiated through the boundary row).
+# argument is masked before exp), one row offset d = i - j at a time from rows loaded shifted
+# by d (the prep kernel `_kda_pairs`; the backward `_pairs_dx` and `_pairs_dk`). The backward
+# uses the same off-diagonal split; its gate gradient is dG = x * dx - k * dk (G_r cancels
+# exactly, so it is held constant: nothing is differentiated through the boundary row).
 
 
 def _kda_gates(g_ref, b_ref, t0, C, T):
@@ -25,33 +26,6 @@ def _kda_gates(g_ref, b_ref, t0, C, T):
     beta = _rows(b_ref, t0, C, T).astype(F32)
     G = jnp.cumsum(g, axis=0)
     return beta, G, _row(G, C - 1)
-
-
-def _src_rows(x, jj):
-    """[C, K]: row SUB * (i // SUB) + jj of x on every row i (its sub-block's column source)."""
-    C, K = x.shape
-    row = _iota(C, K, 0)
-    out = jnp.zeros_like(x)
-    for a in range(C // SUB):
-        out = jnp.where(row // SUB == a, _row(x, a * SUB + jj)[None, :], out)
-    return out
-
-
-def _to_src_rows(z, jj):
-    """[C, K]: the sum of z's rows of sub-block a on row SUB * a + jj, zeros elsewhere."""
-    C, K = z.shape
-    row = _iota(C, K, 0)
-    out = jnp.zeros_like(z)
-    for a in range(C // SUB):
-        za = jnp.sum(jnp.where(row // SUB == a, z, 0.0), axis=0)
-        out = jnp.where(row == a * SUB + jj, za[None, :], out)
-    return out
-
-
-def _diag_decay(G, GS, jj):
-    """exp(G_i - G_src(i)) on the rows below their sub-block's column source jj, else 0."""
-    below = (_iota(*G.shape, 0) % SUB) > jj
-    return jnp.where(below, jnp.exp(jnp.where(below, G - GS, 0.0)), 0.0)
 
 
 def _boundary(G, a):
@@ -68,43 +42,110 @@ def _boundary(G, a):
     return L, R
 
 
-def _kda_pairs_bwd(Ms, xs, k, G, lps):
-    """Cotangents of `_kda_pairs`: for T_n = pairs(x_n, k) and dT_n = M_n (only the strictly
-    lower part is read), returns ([dx_n], dk) with dx_n,id = sum_j M_n,ij k_jd E_ijd and
-    dk_jd = sum_n sum_i M_n,ij x_n,id E_ijd. lps: the dot operand dtype per n."""
-    C, K = k.shape
+def _boundary_tile(G, a):
+    """Both factors of `_boundary` in one tile: exp(G - G_r) on block a's rows, exp(G_r - G)
+    on rows <= r, exp(0) = 1 on the rows after block a (every entry finite and <= 1). A dot
+    whose other operand is zero outside the pairs (block a's rows, rows <= r) takes this tile
+    unmasked on both sides."""
+    C, K = G.shape
+    row = _iota(C, K, 0)
+    Gr = _row(G, a * SUB - 1)[None, :]
+    return jnp.exp(jnp.where(row // SUB == a, G - Gr, jnp.where(row < a * SUB, Gr - G, 0.0)))
+
+
+def _back_rows(ref, t0, d, C, T, ok, col, w):
+    """[C, w]: row t0 + i - d, columns col .. col+w-1 of ref on each row i where ok [C, w]
+    holds, zeros elsewhere (a gather with the row index clamped at 0, so the same rows are read
+    in interpret mode, where a contiguous slice starting before row 0 is clamped as a whole)."""
+    row = _iota(C, w, 0)
+    rows = jnp.maximum(t0 + row - d, 0)
+    return plt.load(ref.at[rows, col + _iota(C, w, 1)], mask=ok & (t0 + row < T), other=0.0)
+
+
+def _gate_cumsum(g_ref, t0, C, T, col=0, width=None):
+    """G: the chunk's cumulative clamped gates [C, width] (recomputed where a kernel needs it
+    briefly, instead of holding it live)."""
+    g = _rows(g_ref, t0, C, T, col=col, width=width).astype(F32)
+    return jnp.cumsum(jnp.maximum(g, G_MIN), axis=0)
+
+
+def _offdiag_mask(a, C):
     ii, cc = _iota(C, C, 0), _iota(C, C, 1)
-    def off(a, carry):   # row block a against the rows before it (a loop: one step live)
-        dxs, dk = carry
-        L, R = _boundary(G, a)
-        kR = k * R
-        blk = (ii // SUB == a) & (cc <= a * SUB - 1)
-        dxs = list(dxs)
-        for n, (M, x, lp) in enumerate(zip(Ms, xs, lps)):
-            Ma = jnp.where(blk, M, 0.0)
-            dxs[n] = dxs[n] + _dot(Ma, kR, lp=lp) * L
-            dk = dk + _dot(Ma, x * L, ta=True, lp=lp) * R
-        return tuple(dxs), dk
+    return (ii // SUB == a) & (cc <= a * SUB - 1)
 
-    dxs, dk = jax.lax.fori_loop(1, C // SUB, off, (tuple(jnp.zeros((C, K), F32) for _ in xs),
-                                                   jnp.zeros((C, K), F32)))
-    src = (ii // SUB) * SUB
 
-    def body(jj, carry):
-        dxs, dk = carry
-        E = _diag_decay(G, _src_rows(G, jj), jj)
-        kS = _src_rows(k, jj)
-        sel = (cc == src + jj) & (ii % SUB > jj)
-        z = jnp.zeros((C, K), F32)
-        new = []
-        for M, x, dx in zip(Ms, xs, dxs):
-            m = jnp.sum(jnp.where(sel, M, 0.0), axis=1)[:, None] * E    # M[i, src(i)] E_i
-            new.append(dx + m * kS)
-            z = z + m * x
-        return tuple(new), dk + _to_src_rows(z, jj)
+# The cotangents are elementwise in the key channel d, so `_pairs_dx` and `_pairs_dk` work on
+# one window of w key columns (col .. col+w-1): the gradient kernels run them window by window,
+# every tile [C, w] (the reduction over d is only in the forward terms).
 
-    dxs, dk = jax.lax.fori_loop(0, SUB, body, (tuple(dxs), dk))
-    return list(dxs), dk
+def _pairs_dx(M, rk, k_ref, g_ref, t0, T, lp, dx0, col):
+    """dx0 + the x-cotangent of `_kda_pairs` on key columns col .. col+w-1 (w = dx0's width):
+    for T_ij = sum_d x_id kn_jd E_ijd (i > j, E_ijd = exp(G_id - G_jd), kn = rk k the
+    normalised rows) and dT = M (its strictly lower part is read), dx_id = sum_j M_ij kn_jd
+    E_ijd, [C, w] float32. rk [C]: the row factors of the chunk's rows of k_ref (on M's
+    columns); k's tile is loaded where it is used, not held.
+
+    Off-diagonal sub-blocks: one dot per row block through its boundary row (`_boundary_tile`).
+    Diagonal sub-blocks one row offset d at a time, on row i: M_i,i-d rk_i-d (a diagonal of
+    M), k's rows shifted back by d (`_back_rows`) and exp(the gates of rows i-d+1 .. i, their
+    sum carried over d; arguments <= 0)."""
+    C, w = dx0.shape
+    wdt = F32 if lp is None else lp
+
+    def off(a, dx):
+        E = _boundary_tile(_gate_cumsum(g_ref, t0, C, T, col, w), a)
+        Ma = jnp.where(_offdiag_mask(a, C), M, 0.0) * rk[None, :]
+        kE = (_rows(k_ref, t0, C, T, col=col, width=w).astype(F32) * E).astype(wdt)
+        return dx + _dot(Ma, kE, lp=lp) * E
+
+    dx = jax.lax.fori_loop(1, C // SUB, off, dx0)
+    ii, cc = _iota(C, C, 0), _iota(C, C, 1)
+    jrow = _iota(C, w, 0) % SUB
+
+    def body(d, carry):
+        D, dx = carry
+        ok = jrow >= d   # row i - d in i's sub-block
+        D = D + jnp.maximum(_back_rows(g_ref, t0, d - 1, C, T, ok, col, w).astype(F32), G_MIN)
+        m = jnp.sum(jnp.where(cc == ii - d, M * rk[None, :], 0.0), axis=1)[:, None]
+        kE = _back_rows(k_ref, t0, d, C, T, ok, col, w).astype(F32) * jnp.exp(jnp.where(ok, D, 0.0))
+        return D, dx + jnp.where(ok, m * kE, 0.0)
+
+    _, dx = jax.lax.fori_loop(1, SUB, body, (jnp.zeros((C, w), F32), dx))
+    return dx
+
+
+def _pairs_dk(M, rx, x_ref, g_ref, t0, T, lp, col, w):
+    """The k-cotangent of `_kda_pairs` on key columns col .. col+w-1 (notation of `_pairs_dx`,
+    xn = rx x): dk_jd = sum_i M_ij xn_id E_ijd, [C, w] float32. rx [C]: the row factors of the
+    chunk's rows of x_ref (on M's rows); x's tile is loaded where it is used.
+
+    Off-diagonal sub-blocks as in `_pairs_dx`; diagonal sub-blocks one row offset d at a time,
+    on row j: M_j+d,j rx_j+d, x's rows shifted forward by d (loaded from row t0 + d) and
+    exp(the gates of rows j+1 .. j+d, carried over d)."""
+    C = M.shape[0]
+    wdt = F32 if lp is None else lp
+
+    def off(a, dk):
+        E = _boundary_tile(_gate_cumsum(g_ref, t0, C, T, col, w), a)
+        Ma = jnp.where(_offdiag_mask(a, C), M, 0.0) * rx[:, None]
+        xE = (_rows(x_ref, t0, C, T, col=col, width=w).astype(F32) * E).astype(wdt)
+        return dk + _dot(Ma, xE, ta=True, lp=lp) * E
+
+    dk = jax.lax.fori_loop(1, C // SUB, off, jnp.zeros((C, w), F32))
+    ii, cc = _iota(C, C, 0), _iota(C, C, 1)
+    jrow = _iota(C, w, 0) % SUB
+
+    def body(d, carry):
+        D, dk = carry
+        ok = jrow + d < SUB   # row j + d in j's sub-block
+        D = D + jnp.maximum(_rows(g_ref, t0 + d, C, T, col=col, width=w).astype(F32), G_MIN)
+        m = jnp.sum(jnp.where(ii == cc + d, rx[:, None] * M, 0.0), axis=0)[:, None]
+        xE = (_rows(x_ref, t0 + d, C, T, col=col, width=w).astype(F32)
+              * jnp.exp(jnp.where(ok, D, 0.0)))
+        return D, dk + jnp.where(ok, m * xE, 0.0)
+
+    _, dk = jax.lax.fori_loop(1, SUB, body, (jnp.zeros((C, w), F32), dk))
+    return dk
 
 
 def _kda_pairs(x_refs, xs, k, G, g_ref, t0, T, lp):
