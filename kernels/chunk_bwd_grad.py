@@ -33,11 +33,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from .._common import G_MIN
-from ._chunk_ops import (CHUNK, F32, _add_rows, _causal_decay, _chunk_A, _dot, _gates, _hp, _iota,
+from ._chunk_ops import (CHUNK, F32, _add_rows, _causal_decay, _chunk_A, _dot, _gates, _hp, _iota, _row,
                          _is_kda, _num_chunks, _qk_chunk, _raw_rows, _rows, _store_rows,
                          padded_rows)
 from ._chunk_varlen import _span, _table_args
-from .chunk_kda import _gate_cumsum, _kda_gates, _pairs_dk, _pairs_dx
+from .chunk_kda import _gate_cumsum, _pairs_dk, _pairs_dx
 
 
 def choose_grad_block_v(V: int, K: int) -> int:
@@ -82,20 +82,22 @@ def _value_loop(do_ref, vn_ref, dvn_ref, hs_ref, dv_ref, Tm, beta, *, t0, T, C, 
 
 
 def _state_loop(vn_ref, dvn_ref, hs_ref, dhs_ref, v_ref, *, t0, T, C, lp, bv, per_key,
-                parts):
-    """The state side of one chunk, reduced over V: dKd = Vn dH^T, dW = -dVn S^T ([C, K]),
-    sum(S * dH) (per key for KDA) and X = dVn v^T ([C, C]); parts picks dKd and/or dW (with
-    sum(S * dH)) and/or X, returned in that order: two loops keep one [C, K] accumulator live
-    at a time."""
+                parts, col=0, width=None):
+    """The state side of one chunk, reduced over V: dKd = Vn dH^T, dW = -dVn S^T ([C, K], or
+    of the states' rows col .. col+width-1: [C, width]), sum(S * dH) (per key for KDA) and
+    X = dVn v^T ([C, C]); parts picks dKd and/or dW (with sum(S * dH)) and/or X, returned in
+    that order: two loops keep one [C, K] accumulator live at a time."""
     K, V = hs_ref.shape
+    K = K if width is None else width
+    rows = slice(None) if width is None else pl.ds(col, K)
     want_dkd, want_dw, want_x = "dKd" in parts, "dW" in parts, "X" in parts
 
     def body(j, carry):
         dKd, dW, sSdH, X = carry
         Vn = _cols(vn_ref, t0, C, T, j, bv) if want_dkd else None
         dVn = _cols(dvn_ref, t0, C, T, j, bv) if want_dw or want_x else None
-        S = hs_ref[:, pl.ds(j * bv, bv)] if want_dw else None
-        dH = dhs_ref[:, pl.ds(j * bv, bv)] if want_dkd or want_dw else None
+        S = hs_ref[rows, pl.ds(j * bv, bv)] if want_dw else None
+        dH = dhs_ref[rows, pl.ds(j * bv, bv)] if want_dkd or want_dw else None
         if want_dw:
             SdH = S.astype(F32) * dH.astype(F32)
             sSdH = sSdH + (jnp.sum(SdH, axis=1) if per_key else jnp.sum(SdH))
@@ -156,10 +158,12 @@ def _dqv_chunk(q_ref, k_ref, g_ref, b_ref, do_ref, vn_ref, dvn_ref, hs_ref, tm_r
     plt.store(dg_ref.at[pl.ds(t0, C)], dG, mask=t0 + jnp.arange(C) < T)
 
 
-def key_window(K: int) -> int:
+def key_window(K: int, kernel: str) -> int:
     """Key columns per step of the KDA gradient kernels' pairwise cotangents (elementwise in
-    the key channel, so a [C, K] tile splits into [C, 64] windows): 64, or K when smaller."""
-    return min(K, 64)
+    the key channel, so a [C, K] tile splits into [C, w] windows): 64 in the dqv and dk kernels, 32 in
+    the da kernel (which holds two [C, C] float32 factors of dA; ptxas sm_90a, bf16, K = 128:
+    12 B of spills at 64, 0 at 32); K when smaller."""
+    return min(K, {"dqv": 64, "dk": 64, "da": 32}[kernel])
 
 
 def _dqv_kda(q_ref, k_ref, g_ref, b_ref, do_ref, vn_ref, dvn_ref, hs_ref, tm_ref, dqk_ref,
@@ -170,7 +174,7 @@ def _dqv_kda(q_ref, k_ref, g_ref, b_ref, do_ref, vn_ref, dvn_ref, hs_ref, tm_ref
     dv), then dq's and dk's window, added into the sums, and dG's window stored. q and k enter
     as their row factors (qn = rq q, kn = rk k) and their windows' tiles, loaded where used."""
     K = q_ref.shape[1]
-    w = key_window(K)
+    w = key_window(K, "dqv")
     beta = _rows(b_ref, t0, C, T).astype(F32)
     Tm = _rows(tm_ref, t0, C, T)
     _, rq = _raw_rows(q_ref, t0, C, T, l2, scale)
@@ -178,20 +182,21 @@ def _dqv_kda(q_ref, k_ref, g_ref, b_ref, do_ref, vn_ref, dvn_ref, hs_ref, tm_ref
     loop = functools.partial(_value_loop, do_ref, vn_ref, dvn_ref, hs_ref, dv_ref, Tm, beta,
                              t0=t0, T=T, C=C, lp=lp, bv=bv, width=w)
     ii, jj = _iota(C, C, 0), _iota(C, C, 1)
-    dP = dPd = None
+    Mx = Mk = dPd = None
     for c in range(0, K, w):
-        if dP is None:
+        if Mx is None:
             dP, dOS = loop(col=c)
-            dP = jnp.where(ii >= jj, dP, 0.0)
             dPd = jnp.sum(jnp.where(ii == jj, dP, 0.0), axis=1)[:, None]
+            dP = jnp.where(ii > jj, dP, 0.0)
+            Mx, Mk = dP * rk[None, :], rq[:, None] * dP
         else:
             dOS = loop(col=c, dp=False)
         eG = jnp.exp(_gate_cumsum(g_ref, t0, C, T, c, w))
         win = functools.partial(_rows, t0=t0, n=C, T=T, col=c, width=w)
-        dq = _pairs_dx(dP, rk, k_ref, g_ref, t0, T, lp, eG * dOS, c)
+        dq = _pairs_dx(Mx, k_ref, g_ref, t0, T, lp, eG * dOS, c)
         dG = (rq[:, None] * dq) * win(q_ref).astype(F32)    # the diagonal's dG terms: 0
         _add_rows(dqk_ref, t0, (dq + (dPd * rk[:, None]) * win(k_ref)) * scale, T, col=c)
-        dk = _pairs_dk(dP, rq, q_ref, g_ref, t0, T, lp, c, w)
+        dk = _pairs_dk(Mk, q_ref, g_ref, t0, T, lp, c, w)
         _add_rows(dqk_ref, t0, dk + (dPd * rq[:, None]) * win(q_ref), T, col=K + c)
         _store_rows(dg_ref, t0, dG - (rk[:, None] * dk) * win(k_ref), T, col=c)
 
@@ -201,13 +206,13 @@ def _dk_chunk(k_ref, g_ref, b_ref, v_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_r
     """Kernel 2 of a chunk's backward: the state and WY sides. dA for kernel 3; its part of dk
     (added into the key head's sum); dbeta (but A's terms) and dg with kernel 1's part added
     (A's terms follow in kernel 3)."""
-    K = k_ref.shape[-1]
     if kda:
-        beta, G, Gl = _kda_gates(g_ref, b_ref, t0, C, T)
-    else:
-        _, beta, G, Gl = _gates(g_ref, b_ref, t0, C, T)
+        return _dk_kda(k_ref, g_ref, b_ref, v_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_ref,
+                       dg1_ref, dk_ref, da_ref, db_ref, dg_ref, t0=t0, T=T, C=C, l2=l2, lp=lp,
+                       bv=bv)
+    _, beta, G, Gl = _gates(g_ref, b_ref, t0, C, T)
     loop = functools.partial(_state_loop, vn_ref, dvn_ref, hs_ref, dhs_ref, v_ref, t0=t0, T=T,
-                             C=C, lp=lp, bv=bv, per_key=kda)
+                             C=C, lp=lp, bv=bv, per_key=False)
     # the WY side first, dKd after it (one [C, K] accumulator live at a time); k as loaded and
     # its l2 factors (l2norm(k) = rk k): no float32 [C, K] tile of k
     dW, sSdH, X = loop(parts=("dW", "X"))
@@ -219,47 +224,72 @@ def _dk_chunk(k_ref, g_ref, b_ref, v_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_r
     dbv = jnp.sum(Tm * X, axis=0)   # sum_V v (.) (Tm^T dVn) = column sums of Tm (.) X
     # S' = e^Gl S + Kd^T Vn with Kd = k e^(Gl - G) (exactly 1 on the last real row); then
     # Vn = U - W S, W = Tm bK, U = Tm bV with bK = beta e^G (.) k, Tm = (I + A)^-1
-    if kda:
-        kn = rk[:, None] * k.astype(F32)
-        bE = beta[:, None] * eG
-        # KDA in 16-bit: the [C, K] products in the input dtype (bf16x3 operands do not fit
-        # next to the per-key gate tiles)
-        dT = _dot(dW, bE * kn, tb=True, lp=lp) + X * beta[None, :]
-        _store_dA(da_ref, t0, dT, Tm, T, hp)
-        dbK = _dot(Tm, dW, ta=True, lp=lp)
-        _add_rows(dk_ref, t0, bE * dbK, T)
-        ekdbK = eG * kn * dbK
-        dbeta = jnp.sum(ekdbK, axis=1) + dbv
-        dG = _rows(dg1_ref, t0, C, T) + beta[:, None] * ekdbK
-        (dKd,) = loop(parts=("dKd",))
-        row = _iota(C, K, 0)
-        islast = row == last
-        G = _gate_cumsum(g_ref, t0, C, T)
+    row = jnp.arange(C)
+    bE = (beta * eG)[:, None]
+    dT = _dot(dW, k, tb=True, lp=hp) * (bE[:, 0] * rk)[None, :] + X * beta[None, :]
+    _store_dA(da_ref, t0, dT, Tm, T, hp)
+    dbK = _dot(Tm, dW, ta=True, lp=hp)
+    kf = k.astype(F32)
+    kdbK = rk * jnp.sum(kf * dbK, axis=1)
+    dbeta = eG * kdbK + dbv
+    dGl = jnp.exp(Gl) * sSdH
+    dG = _rows(dg1_ref, t0, C, T) + bE[:, 0] * kdbK
+    dbK = bE * dbK
+    (dKd,) = loop(parts=("dKd",))
+    dec = jnp.exp(Gl - G)
+    t = jnp.where(row == last, 0.0, dec * rk * jnp.sum(kf * dKd, axis=1))
+    dG = dG - t + jnp.where(row == C - 1, jnp.sum(t) + dGl, 0.0)
+    plt.store(dg_ref.at[pl.ds(t0, C)], _revcumsum(dG, lp), mask=t0 + row < T)
+    _add_rows(dk_ref, t0, dec[:, None] * dKd + dbK, T)
+    plt.store(db_ref.at[pl.ds(t0, C)], dbeta, mask=t0 + jnp.arange(C) < T)
+
+
+def _dk_kda(k_ref, g_ref, b_ref, v_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_ref, dg1_ref,
+            dk_ref, da_ref, db_ref, dg_ref, *, t0, T, C, l2, lp, bv):
+    """Kernel 2 for KDA (per-key gates G [C, K]): GDA's algebra, one key window of w columns
+    at a time (`key_window`; every product but dT = dW bK^T is elementwise in the key channel
+    or a dot over C or V, and dT sums over the windows): each window's two V loops over its
+    rows of the states (dW, then dKd), its gate tiles, dk and dg columns. k enters as its row
+    factors rk and loaded window tiles."""
+    K = k_ref.shape[1]
+    w = key_window(K, "dk")
+    beta = _rows(b_ref, t0, C, T).astype(F32)
+    _, rk = _raw_rows(k_ref, t0, C, T, l2)
+    hp = _hp(lp)
+    Tm = functools.partial(_rows, tm_ref, t0, C, T)   # loaded where used, not held
+    loop = functools.partial(_state_loop, vn_ref, dvn_ref, hs_ref, dhs_ref, v_ref, t0=t0, T=T,
+                             C=C, lp=lp, bv=bv, per_key=True, width=w)
+    islast = _iota(C, w, 0) == jnp.minimum(C, T - t0) - 1   # the chunk's last real row
+    dT = dbeta = None
+    for c in range(0, K, w):
+        win = functools.partial(_rows, t0=t0, n=C, T=T, col=c, width=w)
+        if dT is None:
+            dW, sSdH, X = loop(parts=("dW", "X"), col=c)
+            dbeta = jnp.sum(Tm() * X, axis=0)   # sum_V v (.) (Tm^T dVn) = column sums of Tm (.) X
+            dT = X * beta[None, :]
+        else:
+            dW, sSdH = loop(parts=("dW",), col=c)
+        eG = jnp.exp(_gate_cumsum(g_ref, t0, C, T, c, w))
+        # W = Tm bK, bK = beta e^G (.) kn; in 16-bit the products in the input dtype
+        bK = ((beta * rk)[:, None] * eG) * win(k_ref).astype(F32)
+        dT = dT + _dot(dW, bK, tb=True, lp=lp)
+        z = eG * _dot(Tm(), dW, ta=True, lp=lp)           # e^G (.) dbK
+        _add_rows(dk_ref, t0, beta[:, None] * z, T, col=c)
+        ekdbK = z * (rk[:, None] * win(k_ref).astype(F32))
+        dbeta = dbeta + jnp.sum(ekdbK, axis=1)
+        dG = win(dg1_ref) + beta[:, None] * ekdbK
+        # S' = e^Gl S + Kd^T Vn with Kd = k e^(Gl - G) (exactly 1 on the last real row)
+        (dKd,) = loop(parts=("dKd",), col=c)
+        G = _gate_cumsum(g_ref, t0, C, T, c, w)
+        Gl = _row(G, C - 1)   # rows past T have g = 0: the last real row's G
         dec = jnp.where(islast, 1.0, jnp.exp(jnp.where(islast, 0.0, Gl[None, :] - G)))
         dKd = dec * dKd
-        t = jnp.where(islast, 0.0, rk[:, None] * k.astype(F32) * dKd)   # d/dG_j of e^(Gl - G_j)
-        dGl = jnp.sum(t, axis=0) + jnp.exp(Gl) * sSdH                    # and that for Gl
-        dG = dG - t + jnp.where(row == C - 1, dGl[None, :], 0.0)
-        _store_rows(dg_ref, t0, _revcumsum(dG, lp), T)
-        _add_rows(dk_ref, t0, dKd, T)
-    else:
-        row = jnp.arange(C)
-        bE = (beta * eG)[:, None]
-        dT = _dot(dW, k, tb=True, lp=hp) * (bE[:, 0] * rk)[None, :] + X * beta[None, :]
-        _store_dA(da_ref, t0, dT, Tm, T, hp)
-        dbK = _dot(Tm, dW, ta=True, lp=hp)
-        kf = k.astype(F32)
-        kdbK = rk * jnp.sum(kf * dbK, axis=1)
-        dbeta = eG * kdbK + dbv
-        dGl = jnp.exp(Gl) * sSdH
-        dG = _rows(dg1_ref, t0, C, T) + bE[:, 0] * kdbK
-        dbK = bE * dbK
-        (dKd,) = loop(parts=("dKd",))
-        dec = jnp.exp(Gl - G)
-        t = jnp.where(row == last, 0.0, dec * rk * jnp.sum(kf * dKd, axis=1))
-        dG = dG - t + jnp.where(row == C - 1, jnp.sum(t) + dGl, 0.0)
-        plt.store(dg_ref.at[pl.ds(t0, C)], _revcumsum(dG, lp), mask=t0 + row < T)
-        _add_rows(dk_ref, t0, dec[:, None] * dKd + dbK, T)
+        t = jnp.where(islast, 0.0, (rk[:, None] * dKd) * win(k_ref).astype(F32))
+        dGl = jnp.sum(t, axis=0) + jnp.exp(Gl) * sSdH      # d/dG_j of e^(Gl - G_j), and for Gl
+        dG = dG - t + jnp.where(_iota(C, w, 0) == C - 1, dGl[None, :], 0.0)
+        _store_rows(dg_ref, t0, _revcumsum(dG, lp), T, col=c)
+        _add_rows(dk_ref, t0, dKd, T, col=c)
+    _store_dA(da_ref, t0, dT, Tm(), T, hp)
     plt.store(db_ref.at[pl.ds(t0, C)], dbeta, mask=t0 + jnp.arange(C) < T)
 
 
@@ -296,15 +326,16 @@ def _da_chunk(k_ref, g_ref, b_ref, da_ref, db2_ref, dg2_ref, *rest, t0, T, C, l2
     if kda:   # one key window at a time (`key_window`); k as its row factors and window tiles
         beta = _rows(b_ref, t0, C, T).astype(F32)
         db = db + jnp.sum(dA * _rows(a_ref, t0, C, T), axis=1)
-        M = dA * beta[:, None]
+        plt.store(db_ref.at[pl.ds(t0, C)], db.astype(db_ref.dtype), mask=idx < T)
         _, rk = _raw_rows(k_ref, t0, C, T, l2)
-        w = key_window(k_ref.shape[1])
+        Mx, Mk = dA * (beta[:, None] * rk[None, :]), (beta * rk)[:, None] * dA
+        w = key_window(k_ref.shape[1], "da")
         for c in range(0, k_ref.shape[1], w):
             win = functools.partial(_rows, t0=t0, n=C, T=T, col=c, width=w)
-            dx = _pairs_dx(M, rk, k_ref, g_ref, t0, T, lp, jnp.zeros((C, w), F32), c)
+            dx = _pairs_dx(Mx, k_ref, g_ref, t0, T, lp, jnp.zeros((C, w), F32), c)
             _add_rows(dk_ref, t0, dx, T, col=c)
             dG = (rk[:, None] * dx) * win(k_ref).astype(F32)
-            dy = _pairs_dk(M, rk, k_ref, g_ref, t0, T, lp, c, w)
+            dy = _pairs_dk(Mk, k_ref, g_ref, t0, T, lp, c, w)
             _add_rows(dk_ref, t0, dy, T, col=c)   # before g's tile loads for the mask
             dg = win(dg2_ref) + _revcumsum(dG - (rk[:, None] * dy) * win(k_ref), lp)
             _store_rows(dg_ref, t0, jnp.where(win(g_ref).astype(F32) >= G_MIN, dg, 0.0), T, col=c)
@@ -321,7 +352,7 @@ def _da_chunk(k_ref, g_ref, b_ref, da_ref, db2_ref, dg2_ref, *rest, t0, T, C, l2
         dg = _unclamped(g_ref, t0, C, T, dg)
         plt.store(dg_ref.at[pl.ds(t0, C)], dg.astype(dg_ref.dtype), mask=idx < T)
         _add_rows(dk_ref, t0, dk, T)
-    plt.store(db_ref.at[pl.ds(t0, C)], db.astype(db_ref.dtype), mask=idx < T)
+        plt.store(db_ref.at[pl.ds(t0, C)], db.astype(db_ref.dtype), mask=idx < T)
 
 
 def _unclamped(g_ref, t0, C, T, dg):

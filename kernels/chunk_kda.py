@@ -78,35 +78,34 @@ def _offdiag_mask(a, C):
 # one window of w key columns (col .. col+w-1): the gradient kernels run them window by window,
 # every tile [C, w] (the reduction over d is only in the forward terms).
 
-def _pairs_dx(M, rk, k_ref, g_ref, t0, T, lp, dx0, col):
+def _pairs_dx(Mx, k_ref, g_ref, t0, T, lp, dx0, col):
     """dx0 + the x-cotangent of `_kda_pairs` on key columns col .. col+w-1 (w = dx0's width):
     for T_ij = sum_d x_id kn_jd E_ijd (i > j, E_ijd = exp(G_id - G_jd), kn = rk k the
     normalised rows) and dT = M (its strictly lower part is read), dx_id = sum_j M_ij kn_jd
-    E_ijd, [C, w] float32. rk [C]: the row factors of the chunk's rows of k_ref (on M's
-    columns); k's tile is loaded where it is used, not held.
+    E_ijd, [C, w] float32. Mx = M rk[None, :] (k's row factors on M's columns, so k's tiles
+    enter as loaded); k's tile is loaded where it is used, not held.
 
     Off-diagonal sub-blocks: one dot per row block through its boundary row (`_boundary_tile`).
-    Diagonal sub-blocks one row offset d at a time, on row i: M_i,i-d rk_i-d (a diagonal of
-    M), k's rows shifted back by d (`_back_rows`) and exp(the gates of rows i-d+1 .. i, their
+    Diagonal sub-blocks one row offset d at a time, on row i: Mx_i,i-d (a diagonal of Mx), k's rows shifted back by d (`_back_rows`) and exp(the gates of rows i-d+1 .. i, their
     sum carried over d; arguments <= 0)."""
     C, w = dx0.shape
     wdt = F32 if lp is None else lp
 
     def off(a, dx):
         E = _boundary_tile(_gate_cumsum(g_ref, t0, C, T, col, w), a)
-        Ma = jnp.where(_offdiag_mask(a, C), M, 0.0) * rk[None, :]
+        Ma = jnp.where(_offdiag_mask(a, C), Mx, 0.0)
         kE = (_rows(k_ref, t0, C, T, col=col, width=w).astype(F32) * E).astype(wdt)
         return dx + _dot(Ma, kE, lp=lp) * E
 
     dx = jax.lax.fori_loop(1, C // SUB, off, dx0)
-    ii, cc = _iota(C, C, 0), _iota(C, C, 1)
+    ij = _iota(C, C, 0) - _iota(C, C, 1)
     jrow = _iota(C, w, 0) % SUB
 
     def body(d, carry):
         D, dx = carry
         ok = jrow >= d   # row i - d in i's sub-block
         D = D + jnp.maximum(_back_rows(g_ref, t0, d - 1, C, T, ok, col, w).astype(F32), G_MIN)
-        m = jnp.sum(jnp.where(cc == ii - d, M * rk[None, :], 0.0), axis=1)[:, None]
+        m = jnp.sum(jnp.where(ij == d, Mx, 0.0), axis=1)[:, None]
         kE = _back_rows(k_ref, t0, d, C, T, ok, col, w).astype(F32) * jnp.exp(jnp.where(ok, D, 0.0))
         return D, dx + jnp.where(ok, m * kE, 0.0)
 
@@ -114,32 +113,32 @@ def _pairs_dx(M, rk, k_ref, g_ref, t0, T, lp, dx0, col):
     return dx
 
 
-def _pairs_dk(M, rx, x_ref, g_ref, t0, T, lp, col, w):
+def _pairs_dk(Mk, x_ref, g_ref, t0, T, lp, col, w):
     """The k-cotangent of `_kda_pairs` on key columns col .. col+w-1 (notation of `_pairs_dx`,
-    xn = rx x): dk_jd = sum_i M_ij xn_id E_ijd, [C, w] float32. rx [C]: the row factors of the
-    chunk's rows of x_ref (on M's rows); x's tile is loaded where it is used.
+    xn = rx x): dk_jd = sum_i M_ij xn_id E_ijd, [C, w] float32. Mk = rx[:, None] M (x's row
+    factors on M's rows); x's tile is loaded where it is used.
 
     Off-diagonal sub-blocks as in `_pairs_dx`; diagonal sub-blocks one row offset d at a time,
-    on row j: M_j+d,j rx_j+d, x's rows shifted forward by d (loaded from row t0 + d) and
+    on row j: Mk_j+d,j, x's rows shifted forward by d (loaded from row t0 + d) and
     exp(the gates of rows j+1 .. j+d, carried over d)."""
-    C = M.shape[0]
+    C = Mk.shape[0]
     wdt = F32 if lp is None else lp
 
     def off(a, dk):
         E = _boundary_tile(_gate_cumsum(g_ref, t0, C, T, col, w), a)
-        Ma = jnp.where(_offdiag_mask(a, C), M, 0.0) * rx[:, None]
+        Ma = jnp.where(_offdiag_mask(a, C), Mk, 0.0)
         xE = (_rows(x_ref, t0, C, T, col=col, width=w).astype(F32) * E).astype(wdt)
         return dk + _dot(Ma, xE, ta=True, lp=lp) * E
 
     dk = jax.lax.fori_loop(1, C // SUB, off, jnp.zeros((C, w), F32))
-    ii, cc = _iota(C, C, 0), _iota(C, C, 1)
+    ij = _iota(C, C, 0) - _iota(C, C, 1)
     jrow = _iota(C, w, 0) % SUB
 
     def body(d, carry):
         D, dk = carry
         ok = jrow + d < SUB   # row j + d in j's sub-block
         D = D + jnp.maximum(_rows(g_ref, t0 + d, C, T, col=col, width=w).astype(F32), G_MIN)
-        m = jnp.sum(jnp.where(ii == cc + d, rx[:, None] * M, 0.0), axis=0)[:, None]
+        m = jnp.sum(jnp.where(ij == d, Mk, 0.0), axis=0)[:, None]
         xE = (_rows(x_ref, t0 + d, C, T, col=col, width=w).astype(F32)
               * jnp.exp(jnp.where(ok, D, 0.0)))
         return D, dk + jnp.where(ok, m * xE, 0.0)
