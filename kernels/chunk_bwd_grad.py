@@ -11,8 +11,12 @@ of BV columns in an on-chip loop (no per-block partial sums), then does its V-in
 2. `_dk_chunk` (state and WY sides): dKd = Vn dH^T, dW = -dVn S^T, sum(S * dH), X = dVn v^T;
    then dbK = Tm^T dW, dT = dW bK^T + X diag(beta), dA = -Tm^T dT Tm^T, its terms of dk,
    dbeta and dG.
-3. `_da_chunk`: A's terms (GDA: A = beta KK D; KDA: `chunk_kda._pairs_dx`, `_pairs_dk`) of dk, dbeta
-   and dG; dg = the in-chunk reverse cumulative sum of dG.
+3. `_da_chunk`: A's terms (GDA: A = beta KK D; KDA: `chunk_kda._pairs_dx`, `_pairs_dk`) of dk,
+   dbeta and dG; dg = the in-chunk reverse cumulative sum of dG.
+
+KDA (`_dqv_kda`, `_dk_kda`, `_da_chunk`): the same algebra in key windows of `key_window`
+columns, every tile [C, w] (all but dT = dW bK^T is elementwise in the key channel or a dot
+over C or V), the V loops run per window over the window's rows of the states.
 
 dq and dk are summed in the kernels: each kernel atomically adds its float32 terms into one
 zero-filled [B, T + C, Hk, 2K] buffer per key head (`_chunk_ops._add_rows`), so the head group
@@ -259,7 +263,6 @@ def _dk_kda(k_ref, g_ref, b_ref, v_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_ref
     Tm = functools.partial(_rows, tm_ref, t0, C, T)   # loaded where used, not held
     loop = functools.partial(_state_loop, vn_ref, dvn_ref, hs_ref, dhs_ref, v_ref, t0=t0, T=T,
                              C=C, lp=lp, bv=bv, per_key=True, width=w)
-    islast = _iota(C, w, 0) == jnp.minimum(C, T - t0) - 1   # the chunk's last real row
     dT = dbeta = None
     for c in range(0, K, w):
         win = functools.partial(_rows, t0=t0, n=C, T=T, col=c, width=w)
@@ -269,22 +272,24 @@ def _dk_kda(k_ref, g_ref, b_ref, v_ref, vn_ref, dvn_ref, hs_ref, dhs_ref, tm_ref
             dT = X * beta[None, :]
         else:
             dW, sSdH = loop(parts=("dW",), col=c)
+        kc = win(k_ref)   # the window's tile as loaded (16-bit: 8 registers a thread)
         eG = jnp.exp(_gate_cumsum(g_ref, t0, C, T, c, w))
         # W = Tm bK, bK = beta e^G (.) kn; in 16-bit the products in the input dtype
-        bK = ((beta * rk)[:, None] * eG) * win(k_ref).astype(F32)
+        bK = ((beta * rk)[:, None] * eG) * kc.astype(F32)
         dT = dT + _dot(dW, bK, tb=True, lp=lp)
         z = eG * _dot(Tm(), dW, ta=True, lp=lp)           # e^G (.) dbK
         _add_rows(dk_ref, t0, beta[:, None] * z, T, col=c)
-        ekdbK = z * (rk[:, None] * win(k_ref).astype(F32))
+        ekdbK = z * (rk[:, None] * kc.astype(F32))
         dbeta = dbeta + jnp.sum(ekdbK, axis=1)
         dG = win(dg1_ref) + beta[:, None] * ekdbK
         # S' = e^Gl S + Kd^T Vn with Kd = k e^(Gl - G) (exactly 1 on the last real row)
         (dKd,) = loop(parts=("dKd",), col=c)
         G = _gate_cumsum(g_ref, t0, C, T, c, w)
         Gl = _row(G, C - 1)   # rows past T have g = 0: the last real row's G
+        islast = _iota(C, w, 0) == jnp.minimum(C, T - t0) - 1   # the chunk's last real row
         dec = jnp.where(islast, 1.0, jnp.exp(jnp.where(islast, 0.0, Gl[None, :] - G)))
         dKd = dec * dKd
-        t = jnp.where(islast, 0.0, (rk[:, None] * dKd) * win(k_ref).astype(F32))
+        t = jnp.where(islast, 0.0, (rk[:, None] * dKd) * kc.astype(F32))
         dGl = jnp.sum(t, axis=0) + jnp.exp(Gl) * sSdH      # d/dG_j of e^(Gl - G_j), and for Gl
         dG = dG - t + jnp.where(_iota(C, w, 0) == C - 1, dGl[None, :], 0.0)
         _store_rows(dg_ref, t0, _revcumsum(dG, lp), T, col=c)

@@ -7,6 +7,7 @@ times. Predictions, not measurements.
 from __future__ import annotations
 
 from ._chunk_ops import CHUNK, SUB, choose_block_v, padded_rows
+from .chunk_bwd_grad import key_window
 
 # the gradient kernels that add dq / dk into the shared float32 buffer (`acc_shape`) atomically
 ATOMIC_STAGES = ("bwd_dqv", "bwd_dk", "bwd_da")
@@ -105,16 +106,21 @@ def cost_model(B, T, Hk, Hv, K, V, *, in_bytes=2, backward=True, kda=False):
     add("bwd: xla zero-fill", None, 0, 0, 2 * acc_b)
     # kernel 1: dP, dOS over V, dv = beta Tm^T dVn (bf16x3); dq, P's terms of dk (added into
     # both halves of the buffer), dG
+    # KDA: the gradient kernels work in key windows (`key_window`); each window of kernel 1
+    # reads dO again (its V loop over the window's state rows), each of kernel 2 reads dVn
+    # and Vn again (its two V loops); the states are read once, a window's rows each
+    nw1 = K // key_window(K, "dqv") if kda else 1
+    nw2 = K // key_window(K, "dk") if kda else 1
     pairs_bwd = (2 * 3 * d(C, C, K), SUB * 15 * C * K) if kda else (3 * d(C, C, K), 0)
     add("bwd: bwd_dqv", (B, Hv, NC),
         d(C, C, V) + d(C, K, V) + x3 * d(C, C, V) + pairs_bwd[0], pairs_bwd[1],
-        2 * qk_b + g_b + b_b + v_b + 2 * vw_b + hs_b + c_b
+        2 * qk_b + g_b + b_b + nw1 * v_b + 2 * vw_b + hs_b + c_b
         + 2 * 2 * acc_b + v_b + g_b)
     # kernel 2: dKd, dW, X = dVn v^T over V; dT, dA, dbK (bf16x3); KDA: dg's masked dot
     add("bwd: bwd_dk", (B, Hv, NC),
         2 * d(C, K, V) + d(C, C, V) + x3 * (d(C, C, K) + 2 * d(C, C, C) + d(C, C, K)
                                             + (d(C, C, K) if kda else 0)), 0,
-        qk_b + g_b + b_b + v_b + 2 * vw_b + 2 * hs_b + c_b + g_b
+        qk_b + g_b + b_b + v_b + 2 * nw2 * vw_b + 2 * hs_b + c_b + g_b
         + 2 * acc_b + c_b + b_b + g_b)
     # kernel 3: A's terms (GDA: k k^T, dKK k, dKK^T k; KDA: the sub-block pairs' cotangents)
     da16 = (x3 * (2 * 3 * d(C, C, K) + d(C, C, K))) if kda else d(C, C, K) + x3 * 2 * d(C, C, K)
