@@ -7,7 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ._common import HIGHEST, prepare
+from ._common import G_MIN, HIGHEST, prepare
 from ._varlen import _sequence_chunks, chunk_layout, from_aligned, to_aligned
 
 SUB = 16  # KDA sub-block size and block size of the triangular solve
@@ -158,7 +158,7 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     if chunk_size <= 0 or chunk_size % SUB:
         raise ValueError(f"chunk_size must be a positive multiple of {SUB}, got {chunk_size}")
     out_dtype = q.dtype
-    q, k, v, g, beta = prepare(q, k, v, g, beta, use_qk_l2norm=use_qk_l2norm)
+    q, k, v, g, beta = prepare(q, k, v, g, beta, use_qk_l2norm=use_qk_l2norm, clamp_g=False)
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     G = Hv // Hk
@@ -208,15 +208,16 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
         # transposes then happen on cache-resident chunk data.
         q_c, k_c, v_c, b_c, g_c = (jax.lax.dynamic_slice_in_dim(x, n * C, C, axis=1)
                                    for x in (q, k, v, beta, g))
+        g_c = jnp.maximum(g_c, G_MIN)  # the gate clamp, here on chunk data (fused with the slice)
         q_c = q_c.transpose(0, 2, 1, 3) * scale                      # [B, Hk, C, K]
         k_c = k_c.transpose(0, 2, 1, 3)
         v_c = v_c.reshape(B, C, Hk, G, V).transpose(0, 2, 3, 1, 4)    # [B, Hk, G, C, V]
         b_c = b_c.reshape(B, C, Hk, G).transpose(0, 2, 3, 1)         # [B, Hk, G, C]
         # in-chunk cumulative gates as a dot with a triangle of ones (XLA's cumsum is a slow
         # reduce-window on CPU)
-        if kda:  # head-major first (a cheap transpose of chunk data), then one dot per head
-            gh = g_c.reshape(B * Hv, C, K) if False else g_c.reshape(B, C, Hv, K).transpose(0, 2, 1, 3).reshape(B * Hv, C, K)
-            G_c = _dot("nij,njk->nik", jnp.broadcast_to(tril1, (B * Hv, C, C)), gh).reshape(B, Hk, G, C, K)
+        if kda:  # one [C, C] x [C, B Hv K] product (token-major: a bitcast when B == 1), then head-major
+            G_c = _dot("ij,jx->ix", tril1, jnp.moveaxis(g_c, 1, 0).reshape(C, B * Hv * K))
+            G_c = G_c.reshape(C, B, Hk, G, K).transpose(1, 2, 3, 0, 4)
         else:
             G_c = _dot("ij,bjhg->bhgi", tril1, g_c.reshape(B, C, Hk, G))
         if kda:
