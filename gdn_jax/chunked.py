@@ -69,8 +69,11 @@ def _exact(xs, k, G):
 def _block_diagonal(blocks):
     """[..., nb, m, m] blocks -> the [..., nb m, nb m] block-diagonal matrix."""
     nb, m = blocks.shape[-3], blocks.shape[-1]
-    eye = jnp.eye(nb, dtype=blocks.dtype)
-    return (blocks[..., :, :, None, :] * eye[:, None, :, None]).reshape(blocks.shape[:-3] + (nb * m, nb * m))
+    # pads and a concatenate: their gradient is slices (a mask with eye(nb) broadcast over the
+    # blocks would make the backward reduce over a middle axis, which crashes XLA's YNN fusion)
+    lead = [(0, 0)] * (blocks.ndim - 3)
+    return jnp.concatenate([jnp.pad(blocks[..., a, :, :], lead + [(0, 0), (a * m, (nb - 1 - a) * m)])
+                            for a in range(nb)], axis=-2)
 
 
 def _through(xs, k, G, m, inner, precision):
@@ -87,7 +90,10 @@ def _through(xs, k, G, m, inner, precision):
     for a in range(1, inner // m):
         r = a * m - 1
         Gr = Gb[..., r:r + 1, :]
-        left = xb[..., a * m:(a + 1) * m, :] * jnp.exp(Gb[..., a * m:(a + 1) * m, :] - Gr)[..., None, :, :]
+        e = jnp.exp(Gb[..., a * m:(a + 1) * m, :] - Gr)
+        # one product per row kind, stacked: broadcasting e over the row-kind axis makes the
+        # backward reduce over a middle axis, which crashes XLA's YNN fusion (jaxlib 0.10.2)
+        left = jnp.stack([xb[..., x, a * m:(a + 1) * m, :] * e for x in range(2)], axis=-3)
         right = kb[..., :r + 1, :] * jnp.exp(Gr - Gb[..., :r + 1, :])
         # as one batch axis: the [rows, K] x [cols, K] form XLA CPU runs without transposing
         nbat = math.prod(lead) * nI
