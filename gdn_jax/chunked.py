@@ -45,7 +45,7 @@ TINY = 4  # KDA: the exact pairwise terms stay inside 4-token blocks
 def _exact(xs, k, G):
     """The pairs inside every TINY-token block, each with its own exp(G_i - G_j):
     sum_d xs_id k_jd exp(G_id - G_jd) for i > j; returns the blocks [..., 2, n // TINY, TINY, TINY]
-    (one op per offset i - j, over all blocks at once)."""
+    (one op per offset o = i - j, over all blocks at once)."""
     n, K = k.shape[-2:]
     lead = k.shape[:-2]
     nT = n // TINY
@@ -54,15 +54,15 @@ def _exact(xs, k, G):
     ones = jnp.ones((K,), k.dtype)
     s = jnp.arange(TINY)
     out = 0.0
-    for d in range(1, TINY):
-        kE = k4[..., :TINY - d, :] * jnp.exp(G4[..., d:, :] - G4[..., :TINY - d, :])        # [..., nT, TINY - d, K]
-        # The sum over d as a dot with ones (XLA CPU runs it ~2.5x faster than a reduce), one per
+    for o in range(1, TINY):
+        kE = k4[..., :TINY - o, :] * jnp.exp(G4[..., o:, :] - G4[..., :TINY - o, :])        # [..., nT, TINY - o, K]
+        # The sum over channels as a dot with ones (XLA CPU runs it ~2.5x faster than a reduce), one per
         # row kind: broadcasting kE over the row-kind axis instead makes the backward reduce over
         # a middle axis, which crashes XLA's YNN fusion (jaxlib 0.10.2, Hv > Hk).
-        val = jnp.stack([_dot("...bid,d->...bi", x4[..., x, :, d:, :] * kE, ones) for x in range(2)],
-                        axis=-3)                                                         # [..., 2, nT, TINY - d]
-        place = (s[d:, None] - d == s[None, :]).astype(k.dtype)                          # row i, column i - d
-        out = out + jnp.pad(val[..., None] * place, [(0, 0)] * (val.ndim - 1) + [(d, 0), (0, 0)])
+        val = jnp.stack([_dot("...bid,d->...bi", x4[..., x, :, o:, :] * kE, ones) for x in range(2)],
+                        axis=-3)                                                         # [..., 2, nT, TINY - o]
+        place = (s[o:, None] - o == s[None, :]).astype(k.dtype)                          # row i, column i - o
+        out = out + jnp.pad(val[..., None] * place, [(0, 0)] * (val.ndim - 1) + [(o, 0), (0, 0)])
     return out
 
 
