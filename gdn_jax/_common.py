@@ -223,13 +223,16 @@ def l2norm(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2NORM_EPS)
 
 
-def prepare(q, k, v, g, beta, *, use_qk_l2norm: bool):
-    """Casts every input to float32, l2-normalises q and k if asked, clamps g."""
+def prepare(q, k, v, g, beta, *, use_qk_l2norm: bool, clamp_g: bool = True):
+    """Casts every input to float32, l2-normalises q and k if asked, clamps g (clamp_g=False:
+    the caller clamps it where it reads it, e.g. per chunk, saving a pass over a KDA gate)."""
     q = q.astype(jnp.float32)
     k = k.astype(jnp.float32)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
-    g = jnp.maximum(g.astype(jnp.float32), G_MIN)
+    g = g.astype(jnp.float32)
+    if clamp_g:
+        g = jnp.maximum(g, G_MIN)
     return q, k, v.astype(jnp.float32), g, beta.astype(jnp.float32)
 
 

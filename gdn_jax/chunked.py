@@ -7,7 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ._common import HIGHEST, prepare
+from ._common import G_MIN, HIGHEST, prepare
 from ._varlen import _sequence_chunks, chunk_layout, from_aligned, to_aligned
 
 SUB = 16  # KDA sub-block size and block size of the triangular solve
@@ -39,48 +39,85 @@ def _solve_unit_lower(a, x, bs=SUB):
     return jnp.concatenate(ys, -2)
 
 
+TINY = 4  # KDA: the exact pairwise terms stay inside 4-token blocks
+
+
+def _exact(xs, k, G):
+    """The pairs inside every TINY-token block, each with its own exp(G_i - G_j):
+    sum_d xs_id k_jd exp(G_id - G_jd) for i > j; returns the blocks [..., 2, n // TINY, TINY, TINY]
+    (one op per offset o = i - j, over all blocks at once)."""
+    n, K = k.shape[-2:]
+    lead = k.shape[:-2]
+    nT = n // TINY
+    x4 = xs.reshape(lead + (2, nT, TINY, K))
+    k4, G4 = k.reshape(lead + (nT, TINY, K)), G.reshape(lead + (nT, TINY, K))
+    ones = jnp.ones((K,), k.dtype)
+    s = jnp.arange(TINY)
+    out = 0.0
+    for o in range(1, TINY):
+        kE = k4[..., :TINY - o, :] * jnp.exp(G4[..., o:, :] - G4[..., :TINY - o, :])        # [..., nT, TINY - o, K]
+        # The sum over channels as a dot with ones (XLA CPU runs it ~2.5x faster than a reduce), one per
+        # row kind: broadcasting kE over the row-kind axis instead makes the backward reduce over
+        # a middle axis, which crashes XLA's YNN fusion (jaxlib 0.10.2, Hv > Hk).
+        val = jnp.stack([_dot("...bid,d->...bi", x4[..., x, :, o:, :] * kE, ones) for x in range(2)],
+                        axis=-3)                                                         # [..., 2, nT, TINY - o]
+        place = (s[o:, None] - o == s[None, :]).astype(k.dtype)                          # row i, column i - o
+        out = out + jnp.pad(val[..., None] * place, [(0, 0)] * (val.ndim - 1) + [(o, 0), (0, 0)])
+    return out
+
+
+def _block_diagonal(blocks):
+    """[..., nb, m, m] blocks -> the [..., nb m, nb m] block-diagonal matrix."""
+    nb, m = blocks.shape[-3], blocks.shape[-1]
+    # pads and a concatenate: their gradient is slices (a mask with eye(nb) broadcast over the
+    # blocks would make the backward reduce over a middle axis, which crashes XLA's YNN fusion)
+    lead = [(0, 0)] * (blocks.ndim - 3)
+    return jnp.concatenate([jnp.pad(blocks[..., a, :, :], lead + [(0, 0), (a * m, (nb - 1 - a) * m)])
+                            for a in range(nb)], axis=-2)
+
+
+def _through(xs, k, G, m, inner, precision):
+    """The pairs of xs rows i and k rows j in different m-token sub-blocks a > b of every
+    `inner`-token block (m divides inner), through the boundary token r = a*m - 1 of that block:
+    one dot of xs_i exp(G_i - G_r) with k_j exp(G_r - G_j) per sub-block row a (both factors
+    <= 1). Returns [..., nI, 2, inner, inner] for the nI = n // inner blocks (zero for a <= b)."""
+    n, K = k.shape[-2:]
+    lead = k.shape[:-2]
+    nI = n // inner
+    xb = jnp.moveaxis(xs.reshape(lead + (2, nI, inner, K)), -4, -3)      # [..., nI, 2, inner, K]
+    kb, Gb = k.reshape(lead + (nI, inner, K)), G.reshape(lead + (nI, inner, K))
+    rows = [jnp.zeros(lead + (nI, 2, m, inner), k.dtype)]
+    for a in range(1, inner // m):
+        r = a * m - 1
+        Gr = Gb[..., r:r + 1, :]
+        e = jnp.exp(Gb[..., a * m:(a + 1) * m, :] - Gr)
+        # one product per row kind, stacked: broadcasting e over the row-kind axis makes the
+        # backward reduce over a middle axis, which crashes XLA's YNN fusion (jaxlib 0.10.2)
+        left = jnp.stack([xb[..., x, a * m:(a + 1) * m, :] * e for x in range(2)], axis=-3)
+        right = kb[..., :r + 1, :] * jnp.exp(Gr - Gb[..., :r + 1, :])
+        # as one batch axis: the [rows, K] x [cols, K] form XLA CPU runs without transposing
+        nbat = math.prod(lead) * nI
+        off = _dot("bik,bjk->bij", left.reshape(nbat, 2 * m, K), right.reshape(nbat, r + 1, K),
+                   precision).reshape(lead + (nI, 2, m, r + 1))
+        rows.append(jnp.pad(off, [(0, 0)] * (off.ndim - 1) + [(0, inner - r - 1)]))
+    return jnp.concatenate(rows, axis=-2)
+
+
 def _pairs(xs, k, G, precision=HIGHEST):
     """Strictly-lower pairwise terms sum_d xs_xid k_jd exp(G_id - G_jd), i > j (docs/spec.md section 5).
 
-    xs: [..., 2, n, K] (rows: k and q), k, G: [..., n, K]; returns [..., 2, n, n]. Sub-blocks
-    a > b of SUB tokens are one dot of xs_i exp(G_i - G_r) with k_j exp(G_r - G_j) through the
-    boundary token r = a*SUB - 1 (both factors <= 1); inside a diagonal sub-block every pair
-    gets its own exp(G_i - G_j), one column j at a time (i > j only).
+    xs: [..., 2, n, K] (rows: k and q), k, G: [..., n, K], n a multiple of SUB; returns
+    [..., 2, n, n]. Three levels, every exp argument a later cumulative gate minus an earlier
+    one: pairs in different SUB-token sub-blocks factor through the boundary token of the later
+    one (`_through`, dots), so do pairs in different TINY-token blocks of one sub-block; inside
+    a TINY-token block every pair gets its own exp(G_i - G_j) (`_exact`).
     """
-    n, K = k.shape[-2:]
-    lead = k.shape[:-2]
-    nl = len(lead)
-    m = min(SUB, n)
-    nb = n // m
-    # diagonal sub-blocks, exactly, batched over the nb sub-blocks
-    xb = jnp.moveaxis(xs.reshape(lead + (2, nb, m, K)), -3, -4)                       # [..., nb, 2, m, K]
-    kb, Gb = k.reshape(lead + (nb, m, K)), G.reshape(lead + (nb, m, K))
-    ones = jnp.ones((K,), k.dtype)
-    cols = []
-    for j in range(m - 1):
-        kE = kb[..., j:j + 1, :] * jnp.exp(Gb[..., j + 1:, :] - Gb[..., j:j + 1, :])   # [..., nb, m-1-j, K]
-        # The sum over d as a dot with ones: XLA CPU runs this ~2.5x faster than a reduce. One
-        # dot per row kind (k, q): broadcasting kE over that axis instead makes the backward
-        # reduce over a middle axis, which crashes XLA's YNN fusion (jaxlib 0.10.2, Hv > Hk).
-        col = jnp.stack([_dot("...id,d->...i", xb[..., x, j + 1:, :] * kE, ones) for x in range(2)],
-                        axis=-2)                                                       # [..., nb, 2, m-1-j]
-        cols.append(jnp.pad(col, [(0, 0)] * (nl + 2) + [(j + 1, 0)]))
-    cols.append(jnp.zeros(lead + (nb, 2, m), k.dtype))
-    diag = jnp.stack(cols, axis=-1)                                                    # [..., nb, 2, m, m]
-    nbat = math.prod(lead)
-    rows = []
-    for a in range(nb):
-        row = jnp.pad(diag[..., a, :, :, :], [(0, 0)] * (nl + 2) + [(a * m, n - (a + 1) * m)])
-        if a > 0:
-            r = a * m - 1
-            Gr = G[..., r:r + 1, :]
-            left = xs[..., a * m:(a + 1) * m, :] * jnp.exp(G[..., a * m:(a + 1) * m, :] - Gr)[..., None, :, :]
-            right = k[..., :r + 1, :] * jnp.exp(Gr - G[..., :r + 1, :])
-            off = _dot("bik,bjk->bij", left.reshape(nbat, 2 * m, K), right.reshape(nbat, r + 1, K),
-                       precision)
-            row = row + jnp.pad(off.reshape(lead + (2, m, r + 1)), [(0, 0)] * (nl + 2) + [(0, n - r - 1)])
-        rows.append(row)
-    return jnp.concatenate(rows, axis=-2)
+    n = k.shape[-2]
+    out = _block_diagonal(jnp.moveaxis(_through(xs, k, G, TINY, SUB, precision), -4, -3))
+    out = out + _block_diagonal(_exact(xs, k, G))
+    if n > SUB:
+        out = out + _through(xs, k, G, SUB, n, precision)[..., 0, :, :, :]
+    return out
 
 
 def _kda_pair_terms(k, q, b, Gc, precision=HIGHEST):
@@ -127,7 +164,7 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
     if chunk_size <= 0 or chunk_size % SUB:
         raise ValueError(f"chunk_size must be a positive multiple of {SUB}, got {chunk_size}")
     out_dtype = q.dtype
-    q, k, v, g, beta = prepare(q, k, v, g, beta, use_qk_l2norm=use_qk_l2norm)
+    q, k, v, g, beta = prepare(q, k, v, g, beta, use_qk_l2norm=use_qk_l2norm, clamp_g=False)
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     G = Hv // Hk
@@ -177,14 +214,16 @@ def chunked_gated_delta_net(q, k, v, g, beta, initial_state, *, scale: float,
         # transposes then happen on cache-resident chunk data.
         q_c, k_c, v_c, b_c, g_c = (jax.lax.dynamic_slice_in_dim(x, n * C, C, axis=1)
                                    for x in (q, k, v, beta, g))
+        g_c = jnp.maximum(g_c, G_MIN)  # the gate clamp, here on chunk data (fused with the slice)
         q_c = q_c.transpose(0, 2, 1, 3) * scale                      # [B, Hk, C, K]
         k_c = k_c.transpose(0, 2, 1, 3)
         v_c = v_c.reshape(B, C, Hk, G, V).transpose(0, 2, 3, 1, 4)    # [B, Hk, G, C, V]
         b_c = b_c.reshape(B, C, Hk, G).transpose(0, 2, 3, 1)         # [B, Hk, G, C]
         # in-chunk cumulative gates as a dot with a triangle of ones (XLA's cumsum is a slow
         # reduce-window on CPU)
-        if kda:
-            G_c = _dot("ij,bjhgk->bhgik", tril1, g_c.reshape(B, C, Hk, G, K))
+        if kda:  # one [C, C] x [C, B Hv K] product (token-major: a bitcast when B == 1), then head-major
+            G_c = _dot("ij,jx->ix", tril1, jnp.moveaxis(g_c, 1, 0).reshape(C, B * Hv * K))
+            G_c = G_c.reshape(C, B, Hk, G, K).transpose(1, 2, 3, 0, 4)
         else:
             G_c = _dot("ij,bjhg->bhgi", tril1, g_c.reshape(B, C, Hk, G))
         if kda:

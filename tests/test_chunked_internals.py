@@ -83,6 +83,25 @@ def test_kda_strong_decay_finite_and_accurate(g_value):
     _assert_all_close(_vjp_both(args), 1e-4)
 
 
+@pytest.mark.parametrize("n", [16, 64])
+def test_kda_pairs_match_float64_pairwise_sums(n):
+    # _pairs' three levels (16-token sub-blocks and 4-token blocks through boundary tokens, exact
+    # pairs inside 4-token blocks) against the direct float64 sums, gates in [-30, 0] per token
+    # and channel (G falls to about -1000 in a chunk: no exp argument may be positive).
+    from gdn_jax.chunked import _pairs
+    rng = np.random.default_rng(5)
+    K = 8
+    xs = rng.standard_normal((3, 2, n, K)).astype(np.float32)
+    k = xs[:, 0]
+    G = np.cumsum(rng.uniform(-30.0, 0.0, (3, n, K)), axis=1).astype(np.float32)
+    got = np.asarray(jax.jit(_pairs)(jnp.asarray(xs), jnp.asarray(k), jnp.asarray(G)))
+    assert np.isfinite(got).all()
+    x64, k64, G64 = (a.astype(np.float64) for a in (xs, k, G))
+    decay = np.exp(np.minimum(G64[:, :, None, :] - G64[:, None, :, :], 0.0))        # [3, i, j, K]
+    want = np.einsum("bxid,bjd,bijd->bxij", x64, k64, decay) * np.tril(np.ones((n, n)), -1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
 def test_gda_mixed_gates():
     args = _inputs(1, **GDA_SHAPE)
     _assert_all_close(_vjp_both(args), 1e-4)
