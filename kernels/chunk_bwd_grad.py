@@ -2,7 +2,7 @@
 chunk's backward once, nothing of the WY stage or the state pass recomputed.
 
 Inputs besides q, k, v, g, beta, dO: from the forward recompute the state entering the chunk
-S_c, Vn and Tm = (I + A)^-1 (KDA: also A / beta); from the reverse pass the state gradient at
+S_c, Vn and Tm = (I + A)^-1; from the reverse pass the state gradient at
 the chunk's end dH_c and dVn. Each kernel reduces its V-dependent products over value blocks
 of BV columns in an on-chip loop (no per-block partial sums), then does its V-independent work:
 
@@ -323,27 +323,33 @@ def _da_chunk(k_ref, g_ref, b_ref, da_ref, db2_ref, dg2_ref, *rest, t0, T, C, l2
     A = beta (.) pairs(k, k), `chunk_kda._pairs_dx`, `_pairs_dk`) added to dk (the key head's sum),
     dbeta and dG; then dg (the reverse cumulative sums of both parts of dG), zero where the
     gate was clamped (g < G_MIN), dg and dbeta stored in the dtypes of g and beta."""
-    a_ref, _dk_in, dk_ref, db_ref, dg_ref = rest if kda else (None, *rest)
+    _dk_in, dk_ref, db_ref, dg_ref = rest
     dA = _rows(da_ref, t0, C, T)
     idx = t0 + jnp.arange(C)
     db = plt.load(db2_ref.at[pl.ds(t0, C)], mask=idx < T, other=0.0)
     hp = _hp(lp)
     if kda:   # one key window at a time (`key_window`); k as its row factors and window tiles
+        # A_ij = beta_i Akk_ij with Akk = pairs(kn, kn): A's dbeta_i = sum_j dA_ij Akk_ij =
+        # sum_d kn_id dxu_id for dxu the x-cotangent of Akk under dA (unscaled rows), and the
+        # x-cotangent under beta dA is beta (.) dxu (row i of M scales dx_i only): A / beta is
+        # not stored by the prep kernel nor read here
         beta = _rows(b_ref, t0, C, T).astype(F32)
-        db = db + jnp.sum(dA * _rows(a_ref, t0, C, T), axis=1)
-        plt.store(db_ref.at[pl.ds(t0, C)], db.astype(db_ref.dtype), mask=idx < T)
         _, rk = _raw_rows(k_ref, t0, C, T, l2)
-        Mx, Mk = dA * (beta[:, None] * rk[None, :]), (beta * rk)[:, None] * dA
+        Mx, Mk = dA * rk[None, :], (beta * rk)[:, None] * dA
         w = key_window(k_ref.shape[1], "da")
         for c in range(0, k_ref.shape[1], w):
             win = functools.partial(_rows, t0=t0, n=C, T=T, col=c, width=w)
-            dx = _pairs_dx(Mx, k_ref, g_ref, t0, T, lp, jnp.zeros((C, w), F32), c)
+            dxu = _pairs_dx(Mx, k_ref, g_ref, t0, T, lp, jnp.zeros((C, w), F32), c)
+            kn = rk[:, None] * win(k_ref).astype(F32)
+            db = db + jnp.sum(kn * dxu, axis=1)
+            dx = beta[:, None] * dxu
             _add_rows(dk_ref, t0, dx, T, col=c)
-            dG = (rk[:, None] * dx) * win(k_ref).astype(F32)
+            dG = kn * dx
             dy = _pairs_dk(Mk, k_ref, g_ref, t0, T, lp, c, w)
             _add_rows(dk_ref, t0, dy, T, col=c)   # before g's tile loads for the mask
             dg = win(dg2_ref) + _revcumsum(dG - (rk[:, None] * dy) * win(k_ref), lp)
             _store_rows(dg_ref, t0, jnp.where(win(g_ref).astype(F32) >= G_MIN, dg, 0.0), T, col=c)
+        plt.store(db_ref.at[pl.ds(t0, C)], db.astype(db_ref.dtype), mask=idx < T)
     else:
         _, beta, G, _ = _gates(g_ref, b_ref, t0, C, T)
         k, _ = _qk_chunk(k_ref, None, t0, C, T, l2, 1.0)
@@ -366,13 +372,12 @@ def _unclamped(g_ref, t0, C, T, dg):
 
 
 def _grad_call(q, k, v, g, beta, do, Vn, dVn, hs, dhs, Tm, *, scale, l2, lp, interpret, tabs=None,
-               num_warps=8, Akk=None):
+               num_warps=8):
     """(dq, dk [B, T, Hk, K] float32 per key head, dv [B, T, Hv, V], dbeta [B, T, Hv] and dg
     [B, T, Hv] or KDA [B, T, Hv, K] in the dtypes of beta and g) by three kernels per chunk (module docstring).
     dq and dk are sums the kernels add into (`_chunk_ops._add_rows`: the value heads of a key
     head, and dk's three parts), one zero-filled [B, padded_rows(T), Hk, 2K] buffer passed
-    through the kernels in place (input_output_aliases; kernels 2 and 3 see its dk half).
-    KDA: A / beta from the prep kernel."""
+    through the kernels in place (input_output_aliases; kernels 2 and 3 see its dk half)."""
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     NC = _num_chunks(T, tabs)
@@ -418,16 +423,16 @@ def _grad_call(q, k, v, g, beta, do, Vn, dVn, hs, dhs, Tm, *, scale, l2, lp, int
         input_output_aliases={nt + 10: 0},
         compiler_params=params, interpret=interpret, name=f"{pre}_dk_k{K}_v{V}_bv{bv}")(
             *t_args, k, g, beta, v, Vn, dVn, hs, dhs, Tm, dg1, dqk)
-    n_in = nt + 6 + (1 if kda else 0)
+    n_in = nt + 6
     dshape = jax.ShapeDtypeStruct(g.shape, g.dtype)
     dqk, dbeta, dg = pl.pallas_call(
         functools.partial(_per_chunk, _da_chunk, T=T, C=CHUNK, varlen=varlen, l2=l2, lp=lp,
                           kda=kda),
         grid=(B, Hv, NC),
-        in_specs=[*t_specs, qk, gk, gb, ch, gb, gk, *([ch] if kda else []), acc],
+        in_specs=[*t_specs, qk, gk, gb, ch, gb, gk, acc],
         out_specs=[acc, gb, gk],
         out_shape=[ashape, jax.ShapeDtypeStruct(beta.shape, beta.dtype), dshape],
         input_output_aliases={n_in: 0},
         compiler_params=params, interpret=interpret, name=f"{pre}_da_k{K}")(
-            *t_args, k, g, beta, dA, db2, dg2, *([Akk] if kda else []), dqk)
+            *t_args, k, g, beta, dA, db2, dg2, dqk)
     return dqk[:, :T, :, :K], dqk[:, :T, :, K:], dv, dbeta, dg

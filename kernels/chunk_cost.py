@@ -96,7 +96,7 @@ def cost_model(B, T, Hk, Hv, K, V, *, in_bytes=2, backward=True, kda=False):
         2 * qk_b + g_b + kw_b + vw_b + v_b + 2 * st_b + p_b)
     if not backward:
         return out
-    add("bwd: prep", (B, Hv, NC), prep16, prep32, prep_b + c_b * (2 if kda else 1))
+    add("bwd: prep", (B, Hv, NC), prep16, prep32, prep_b + c_b)
     add("bwd: states", (B, Hv, nvb), NC * (d(C, K, bv) + d(K, C, bv)), 0,
         qk_b + g_b + kw_b + vw_b + st_b + hs_b + vw_b)
     add("bwd: bwd_state", (B, Hv, nvb),
@@ -125,7 +125,7 @@ def cost_model(B, T, Hk, Hv, K, V, *, in_bytes=2, backward=True, kda=False):
     # kernel 3: A's terms (GDA: k k^T, dKK k, dKK^T k; KDA: the sub-block pairs' cotangents)
     da16 = (x3 * (2 * 3 * d(C, C, K) + d(C, C, K))) if kda else d(C, C, K) + x3 * 2 * d(C, C, K)
     add("bwd: bwd_da", (B, Hv, NC), da16, SUB * 15 * C * K if kda else 0,
-        qk_b + g_b + b_b + c_b + b_b + g_b + (c_b if kda else 0)
+        qk_b + g_b + b_b + c_b + b_b + g_b
         + 2 * acc_b + b_b + g_b)
     # XLA epilogue: the l2norm Jacobian of dq, dk [B, T, Hk, K] (float32 in, q and k read),
     # casts to the input dtypes (dg's clamp mask and the dg, dbeta dtypes are kernel 3's)

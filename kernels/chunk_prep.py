@@ -1,6 +1,6 @@
 """The WY stage (prep kernel), grid (B, Hv, NC), all parallel: per chunk G = cumsum(g),
 A = strict(beta_i k_i.k_j exp(G_i - G_j)), Tm = (I + A)^-1, W = Tm (beta exp(G) k),
-U = Tm (beta v); KDA also the causal pairwise block P (and, for the backward, A / beta)."""
+U = Tm (beta v); KDA also the causal pairwise block P; for the backward also Tm."""
 from __future__ import annotations
 
 import functools
@@ -20,13 +20,12 @@ from .chunk_kda import _kda_gates, _kda_pairs
 def _prep_kernel(*refs, T, C, l2, lp, varlen, kda=False, scale=1.0, backward=False):
     """GDA: W, U of one chunk. KDA: also P [C, C], the causal intra-chunk q k^T with per-key
     decay (diagonal q_i . k_i: its decay factor is the constant 1), read by the state passes.
-    backward: also Tm = (I + A)^-1 [C, C] float32 and (KDA) A / beta = pairs(k, k) [C, C]
-    float32, read by the gradient kernel (nothing of the WY stage is recomputed there)."""
+    backward: also Tm = (I + A)^-1 [C, C] float32, read by the gradient kernels (nothing of the
+    WY stage is recomputed there)."""
     ctab_ref = refs[0] if varlen else None
     refs = refs[1:] if varlen else refs
     tm_ref = refs[-1] if backward else None
-    a_ref = refs[-2] if backward and kda else None
-    refs = refs[:len(refs) - backward - (backward and kda)]
+    refs = refs[:len(refs) - backward]
     if kda:
         q_ref, k_ref, v_ref, g_ref, b_ref, w_ref, u_ref, p_ref = refs
     else:
@@ -49,10 +48,7 @@ def _prep_kernel(*refs, T, C, l2, lp, varlen, kda=False, scale=1.0, backward=Fal
         rkc = rk[None, :]
         P = rq[:, None] * (Pq * rkc + jnp.where(ii == cc, (qk * rk)[:, None], 0.0))
         _store_rows(p_ref, t0, P, end)
-        Akk = rk[:, None] * Kk * rkc
-        if backward:
-            _store_rows(a_ref, t0, Akk, end)
-        return beta[:, None] * Akk, beta, bK
+        return beta[:, None] * (rk[:, None] * Kk * rkc), beta, bK
 
     def run():
         if kda:
@@ -83,7 +79,7 @@ def _prep_kernel(*refs, T, C, l2, lp, varlen, kda=False, scale=1.0, backward=Fal
 def _prep_call(k, v, g, beta, *, Hv, l2, lp, interpret, tabs=None, num_warps=8, q=None,
                scale=1.0, backward=False):
     """(W, U) for GDA; (W, U, P) for KDA (q needed then; P [B, T, Hv, C]). backward: then
-    Tm [B, T, Hv, C] float32 appended, after A / beta [B, T, Hv, C] float32 for KDA."""
+    Tm [B, T, Hv, C] float32 appended."""
     B, T, Hk, K = k.shape
     V = v.shape[-1]
     NC = _num_chunks(T, tabs)
@@ -102,7 +98,7 @@ def _prep_call(k, v, g, beta, *, Hv, l2, lp, interpret, tabs=None, num_warps=8, 
         args.insert(len(t_args), q)
         out_specs.append(pl.BlockSpec((None, T, None, CHUNK), lambda n, h, x: (n, 0, h, 0)))
         out_shape.append(jax.ShapeDtypeStruct((B, T, Hv, CHUNK), wdt))
-    for _ in range((2 if kda else 1) if backward else 0):   # A / beta (KDA), Tm
+    if backward:   # Tm
         out_specs.append(_p_spec(T))
         out_shape.append(jax.ShapeDtypeStruct((B, T, Hv, CHUNK), F32))
     return pl.pallas_call(

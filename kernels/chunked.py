@@ -10,7 +10,7 @@ table giving each chunk its rows (`_chunk_varlen.py`). See kernels/README.md.
 One stage per file:
 
 - `chunk_prep.py`: the WY stage, W = Tm (beta exp(G) k), U = Tm (beta v), Tm = (I + A)^-1
-  (KDA: also the causal pairwise block P, and for the backward A / beta);
+  (KDA: also the causal pairwise block P);
 - `chunk_fwd.py`: the sequential state pass with the output (and the backward's state-only pass);
 - `chunk_bwd_state.py`: the reverse state pass (state gradients per chunk, dh0);
 - `chunk_bwd_grad.py`: the per-chunk gradient kernels (dq, dk, dv, dg, dbeta);
@@ -180,7 +180,7 @@ def chunked_backward(q, k, v, g, beta, initial_state, do, dht, *, scale: float,
     do = do.astype(q.dtype)
     W, U, *PA = _prep_call(k, v, g, beta, Hv=Hv, l2=l2, lp=lp, interpret=interpret, tabs=tabs,
                            q=q, scale=scale, backward=True)
-    P, Akk, Tm = PA if len(PA) == 3 else (None, None, PA[0])
+    P, Tm = PA if len(PA) == 2 else (None, PA[0])
     # the per-chunk states and state gradients [B, Hv, NC, K, V] in the input dtype for 16-bit
     # inputs (the dots read them in that dtype anyway; measured: the same gradient errors as
     # float32 storage, docs/pallas_chunked_report.md), float32 for float32 inputs
@@ -191,7 +191,7 @@ def chunked_backward(q, k, v, g, beta, initial_state, do, dht, *, scale: float,
     dhs, dh0, dVn = _rev_call(q, k, g, W, do, dht, Hv=Hv, scale=scale, l2=l2, lp=lp,
                               interpret=interpret, tabs=tabs, P=P, state_dtype=sdt)
     dq, dk, dv, dbeta, dg = _grad_call(q, k, v, g, beta, do, Vn, dVn, hs, dhs, Tm, scale=scale,
-                                       l2=l2, lp=lp, interpret=interpret, tabs=tabs, Akk=Akk)
+                                       l2=l2, lp=lp, interpret=interpret, tabs=tabs)
     # dq, dk [B, T, Hk, K] float32, summed over the head group in the kernels
     if l2:  # the l2norm Jacobian, elementwise in XLA
         dq = jax.vjp(l2norm, q_in)[1](dq)[0]
