@@ -42,8 +42,8 @@ def _prep_kernel(*refs, T, C, l2, lp, varlen, kda=False, scale=1.0, backward=Fal
         q, rq = _raw_rows(q_ref, t0, C, end, l2, scale)
         beta, G, _ = _kda_gates(g_ref, b_ref, t0, C, end)
         bK = (k.astype(F32) * ((beta * rk)[:, None] * jnp.exp(G))).astype(F32 if lp is None else lp)
+        qk = jnp.sum(q.astype(F32) * k.astype(F32), axis=1)   # P's diagonal, before the pairs
         Kk, Pq = _kda_pairs([k_ref, q_ref], [k, q], k, G, g_ref, t0, end, lp)
-        qk = jnp.sum(q.astype(F32) * k.astype(F32), axis=1)
         ii, cc = _iota(C, C, 0), _iota(C, C, 1)
         rkc = rk[None, :]
         P = rq[:, None] * (Pq * rkc + jnp.where(ii == cc, (qk * rk)[:, None], 0.0))
