@@ -324,7 +324,6 @@ def _da_chunk(k_ref, g_ref, b_ref, da_ref, db2_ref, dg2_ref, *rest, t0, T, C, l2
     dbeta and dG; then dg (the reverse cumulative sums of both parts of dG), zero where the
     gate was clamped (g < G_MIN), dg and dbeta stored in the dtypes of g and beta."""
     _dk_in, dk_ref, db_ref, dg_ref = rest
-    dA = _rows(da_ref, t0, C, T)
     idx = t0 + jnp.arange(C)
     db = plt.load(db2_ref.at[pl.ds(t0, C)], mask=idx < T, other=0.0)
     hp = _hp(lp)
@@ -333,24 +332,27 @@ def _da_chunk(k_ref, g_ref, b_ref, da_ref, db2_ref, dg2_ref, *rest, t0, T, C, l2
         # sum_d kn_id dxu_id for dxu the x-cotangent of Akk under dA (unscaled rows), and the
         # x-cotangent under beta dA is beta (.) dxu (row i of M scales dx_i only): A / beta is
         # not stored by the prep kernel nor read here
+        # dA is loaded where used (once per cotangent and window): one [C, C] factor live at a
+        # time (ptxas sm_90a, bf16 K = 128, jaxlib 0.12: 16 B of spills with both held)
         beta = _rows(b_ref, t0, C, T).astype(F32)
         _, rk = _raw_rows(k_ref, t0, C, T, l2)
-        Mx, Mk = dA * rk[None, :], (beta * rk)[:, None] * dA
+        dA = functools.partial(_rows, da_ref, t0, C, T)
         w = key_window(k_ref.shape[1], "da")
         for c in range(0, k_ref.shape[1], w):
             win = functools.partial(_rows, t0=t0, n=C, T=T, col=c, width=w)
-            dxu = _pairs_dx(Mx, k_ref, g_ref, t0, T, lp, jnp.zeros((C, w), F32), c)
+            dxu = _pairs_dx(dA() * rk[None, :], k_ref, g_ref, t0, T, lp, jnp.zeros((C, w), F32), c)
             kn = rk[:, None] * win(k_ref).astype(F32)
             db = db + jnp.sum(kn * dxu, axis=1)
             dx = beta[:, None] * dxu
             _add_rows(dk_ref, t0, dx, T, col=c)
             dG = kn * dx
-            dy = _pairs_dk(Mk, k_ref, g_ref, t0, T, lp, c, w)
+            dy = _pairs_dk((beta * rk)[:, None] * dA(), k_ref, g_ref, t0, T, lp, c, w)
             _add_rows(dk_ref, t0, dy, T, col=c)   # before g's tile loads for the mask
             dg = win(dg2_ref) + _revcumsum(dG - (rk[:, None] * dy) * win(k_ref), lp)
             _store_rows(dg_ref, t0, jnp.where(win(g_ref).astype(F32) >= G_MIN, dg, 0.0), T, col=c)
         plt.store(db_ref.at[pl.ds(t0, C)], db.astype(db_ref.dtype), mask=idx < T)
     else:
+        dA = _rows(da_ref, t0, C, T)
         _, beta, G, _ = _gates(g_ref, b_ref, t0, C, T)
         k, _ = _qk_chunk(k_ref, None, t0, C, T, l2, 1.0)
         A, KK, D = _chunk_A(k, beta, G, lp)
