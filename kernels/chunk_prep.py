@@ -42,8 +42,16 @@ def _prep_kernel(*refs, T, C, l2, lp, varlen, kda=False, scale=1.0, backward=Fal
         q, rq = _raw_rows(q_ref, t0, C, end, l2, scale)
         beta, G, _ = _kda_gates(g_ref, b_ref, t0, C, end)
         bK = (k.astype(F32) * ((beta * rk)[:, None] * jnp.exp(G))).astype(F32 if lp is None else lp)
-        qk = jnp.sum(q.astype(F32) * k.astype(F32), axis=1)   # P's diagonal, before the pairs
+        # P's diagonal q . k: with the packed tables before the pairs' loops, else from q, k
+        # loaded again after them (either way the loops' q, k tiles die with the loops; ptxas
+        # sm_90a, bf16 K = 128: each placement is spill-free only in its own case, the other
+        # spills 8-16 B)
+        if varlen:
+            qk = jnp.sum(q.astype(F32) * k.astype(F32), axis=1)
         Kk, Pq = _kda_pairs([k_ref, q_ref], [k, q], k, G, g_ref, t0, end, lp)
+        if not varlen:
+            qk = jnp.sum(_rows(q_ref, t0, C, end).astype(F32)
+                         * _rows(k_ref, t0, C, end).astype(F32), axis=1)
         ii, cc = _iota(C, C, 0), _iota(C, C, 1)
         rkc = rk[None, :]
         P = rq[:, None] * (Pq * rkc + jnp.where(ii == cc, (qk * rk)[:, None], 0.0))
