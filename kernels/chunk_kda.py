@@ -22,10 +22,8 @@ from ._chunk_ops import F32, SUB, _dot, _iota, _row, _rows
 
 def _kda_gates(g_ref, b_ref, t0, C, T):
     """beta [C]; G = in-chunk cumsum of the clamped gates [C, K]; Gl = G's last row [K]."""
-    g = jnp.maximum(_rows(g_ref, t0, C, T).astype(F32), G_MIN)
-    beta = _rows(b_ref, t0, C, T).astype(F32)
-    G = jnp.cumsum(g, axis=0)
-    return beta, G, _row(G, C - 1)
+    G = _gate_cumsum(g_ref, t0, C, T)
+    return _rows(b_ref, t0, C, T).astype(F32), G, _row(G, C - 1)
 
 
 def _boundary(G, a):
