@@ -28,14 +28,24 @@ import sys
 
 if "JAX_PLATFORMS" not in os.environ and not os.path.exists("/dev/nvidiactl"):
     os.environ["JAX_PLATFORMS"] = "cpu"
+# One CPU device per core this process may use (taskset narrows it), for the rows that split
+# heads over host devices (`gdn_jax.sharding.cpu_mesh`); the one-device rows are unaffected.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={CORES}").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gdn_jax import gated_delta_net  # noqa: E402
+from gdn_jax import gated_delta_net, sharded_gated_delta_net  # noqa: E402
+from gdn_jax.sharding import cpu_mesh, partition_specs  # noqa: E402
 from gdn_jax.benchmarking import (Progress, Shape, copy_time_ms, make_inputs, table,  # noqa: E402
                                   time_decode_loops, time_jitted, yardstick_scan)
+
+
+NDEV = len(jax.devices("cpu")) if jax.default_backend() == "cpu" else 1
 
 
 def _op(impl, backend="xla", interpret=False, donate=False, state_layout="kv"):
@@ -44,6 +54,27 @@ def _op(impl, backend="xla", interpret=False, donate=False, state_layout="kv"):
                                use_qk_l2norm_in_kernel=True, impl=impl, backend=backend,
                                interpret=interpret, state_layout=state_layout)
     return jax.jit(fn, donate_argnums=(5,) if donate else ())
+
+
+def _sharded_op(impl, donate=False, state_layout="kv"):
+    """The op with value heads split over the CPU devices (`cpu_mesh`)."""
+    mesh = cpu_mesh()
+
+    def fn(q, k, v, g, beta, h0):
+        return sharded_gated_delta_net(q, k, v, g, beta, mesh=mesh, head_axis="heads",
+                                       initial_state=h0, output_final_state=True,
+                                       use_qk_l2norm_in_kernel=True, impl=impl,
+                                       backend="xla", state_layout=state_layout)
+    return jax.jit(fn, donate_argnums=(5,) if donate else ())
+
+
+def _place_heads(args, kda: bool):
+    """q, k, v, g, beta, h0 placed as the head-split op takes them (nothing moves per call)."""
+    from jax.sharding import NamedSharding
+    mesh = cpu_mesh()
+    sp = partition_specs(head_axis="heads", kda=kda)
+    return tuple(jax.device_put(x, NamedSharding(mesh, s))
+                 for x, s in zip(args, (sp.q, sp.k, sp.v, sp.g, sp.beta, sp.state)))
 
 
 def _fwd_bwd(fn):
@@ -69,6 +100,9 @@ def prefill(reps: int, modes=("GDA", "KDA")):
                          ya + (h0,), None))
         for impl in ("recurrent", "chunked"):
             jobs.append((shape, f"{impl} (xla)", _op(impl), args + (h0,), _fwd_bwd(_op(impl))))
+        if NDEV > 1:
+            jobs.append((shape, f"chunked (xla), heads / {NDEV} devices", _sharded_op("chunked"),
+                         _place_heads(args + (h0,), shape.kda), _fwd_bwd(_sharded_op("chunked"))))
     results = {}
     with Progress(len(jobs)) as p:
         for shape, name, fwd, a, bwd in jobs:
@@ -83,7 +117,9 @@ def prefill(reps: int, modes=("GDA", "KDA")):
                      f"{t.median_ms / gda.median_ms:.2f}x" if gda else "-", f"{t.cores:.2f}",
                      tb.median_ms if tb else "-", t.compile_s, tb.compile_s if tb else "-"])
     print(f"\nPrefill {shapes[0]} (float32, l2norm on); ratio = yardstick time / path time (higher "
-          "is faster); cores busy = process CPU time / wall time of the timed forward calls")
+          "is faster); vs GDA = KDA time / GDA time of the same path; cores busy = process CPU "
+          f"time / wall time of the timed forward calls ({CORES} cores); 'heads / n devices': "
+          "value heads split over n CPU devices (gdn_jax.sharding.cpu_mesh)")
     print(table(rows, ["mode", "path", "fwd ms", "vs yardstick", "vs GDA", "cores busy",
                        "fwd+bwd ms", "fwd compile s", "fwd+bwd compile s"]))
     return results
@@ -98,7 +134,7 @@ def decode(reps: int, modes=("GDA", "KDA")):
     # Both state layouts of a path run as alternating decode loops, so "vk" / "kv" is read
     # within one run under the same load.
     impls = ("recurrent", "chunked")
-    with Progress(len(impls) * len(modes)) as p:
+    with Progress((len(impls) + (NDEV > 1)) * len(modes)) as p:
         for kda in (False, True):
             mode = "KDA" if kda else "GDA"
             if mode not in modes:
@@ -115,6 +151,18 @@ def decode(reps: int, modes=("GDA", "KDA")):
                                  f"{t.min_ms / copy.min_ms:.2f}x",
                                  f"{t.median_ms / kv.median_ms:.2f}x", f"{t.cores:.2f}"])
                 p.step(f"{mode} {impl}")
+            if NDEV > 1:
+                name = f"recurrent (xla), heads / {NDEV} devices"
+                jobs = [(_sharded_op("recurrent", donate=True, state_layout=layout),
+                         _place_heads((*a, h if layout == "kv" else jnp.swapaxes(h, -1, -2) + 0.0),
+                                      kda)) for layout in ("kv", "vk")]
+                kv, vk = time_decode_loops(jobs, reps=reps, min_time_s=1.0)
+                for layout, t in (("kv", kv), ("vk", vk)):
+                    rows.append([mode, name, layout, t.median_ms, t.min_ms,
+                                 f"{t.median_ms / copy.median_ms:.2f}x",
+                                 f"{t.min_ms / copy.min_ms:.2f}x",
+                                 f"{t.median_ms / kv.median_ms:.2f}x", f"{t.cores:.2f}"])
+                p.step(f"{mode} {name}")
     print(f"\nDecode step {shape}, float32, state donated ({nbytes / 2**20:.0f} MiB), each call "
           f"given the state the previous call returned; np.copyto of the state: median "
           f"{copy.median_ms:.2f} ms, best {copy.min_ms:.2f} ms")
@@ -307,7 +355,8 @@ def main(argv=None):
     ap.add_argument("--plot", default="benchmark_sweep.png", help="PNG path for the sweep plot ('' for none)")
     args = ap.parse_args(argv)
     reps = 3 if args.quick else 7
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cpus)")
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({CORES} cores usable, "
+          f"{NDEV} CPU devices)")
     for section in args.sections:
         if section == "prefill":
             prefill(reps, args.modes)

@@ -13,13 +13,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ._common import HIGHEST, check_inputs
 from .api import gated_delta_net
 
 __all__ = ["sharded_gated_delta_net", "partition_specs", "Specs", "collective_stats",
-           "CollectiveStats"]
+           "CollectiveStats", "cpu_mesh"]
 
 
 def _axis_size(mesh: Mesh, name: str | None, arg: str) -> int:
@@ -79,6 +80,23 @@ def _context_parallel_segment(q, k, v, g, beta, h0, *, seq_axis: str, n_seq: int
     o = o_aug[..., K:].astype(jnp.float32) + jnp.einsum("bthk,bhkv->bthv", o_id, s_in,
                                                         precision=HIGHEST)
     return o.astype(q.dtype), state
+
+
+def cpu_mesh(axis_name: str = "heads") -> Mesh:
+    """A 1-D mesh over this process's CPU devices, for `sharded_gated_delta_net(...,
+    head_axis=axis_name)` (or `batch_axis`): the way to keep every core busy on XLA CPU.
+
+    XLA CPU runs one program's loop of small dots largely on one core (prefill keeps about
+    1.3 of 2 cores busy); separate devices run their programs on their own threads. JAX gives
+    one CPU device unless the process starts with
+    `XLA_FLAGS=--xla_force_host_platform_device_count=N` (read once, before JAX's backend
+    starts; N = the cores to use). Splitting value heads moves nothing and communicates
+    nothing (README, "Sharding and context parallel": measured speed-ups).
+    """
+    if not isinstance(axis_name, str):
+        raise TypeError(f"axis_name must be a str, got {type(axis_name).__name__}")
+    devices = jax.devices("cpu")
+    return Mesh(np.array(devices), (axis_name,))
 
 
 class Specs(NamedTuple):
