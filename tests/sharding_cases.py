@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import GRAD_NAMES, Case, assert_close, make_inputs, rel_err  # noqa: E402
 
 from gdn_jax import gated_delta_net  # noqa: E402
-from gdn_jax.sharding import collective_stats, partition_specs, sharded_gated_delta_net  # noqa: E402
+from gdn_jax.sharding import (collective_stats, cpu_mesh, partition_specs,  # noqa: E402
+                              sharded_gated_delta_net)
 
 if jax.device_count() < 8:
     raise RuntimeError(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), "
@@ -135,6 +136,18 @@ def test_head_parallel_qk_heads_not_divisible_slices_one_head():
     assert stats and {c.kind for c in stats} == {"all-reduce"}, stats
     qk_bytes = 2 * GDA.B * GDA.T * GDA.Hk * GDA.K * 4  # dq and dk, replicated over heads
     assert sum(c.result_bytes for c in stats) == qk_bytes, stats
+
+
+def test_cpu_mesh_splits_heads_over_every_cpu_device():
+    """`cpu_mesh()`: one axis over all of the process's CPU devices; the head-split op on it
+    (GDA Hv=8 over 8 devices, q/k replicated) equals the unsharded call."""
+    mesh = cpu_mesh()
+    assert mesh.axis_names == ("heads",)
+    assert list(mesh.devices.flat) == jax.devices("cpu") and mesh.devices.size == 8
+    out, ref, _, _ = _run_sharded(GDA, mesh, dict(head_axis="heads"))
+    _assert_close(out, ref, 1e-5)
+    with pytest.raises(TypeError, match="axis_name must be a str, got int"):
+        cpu_mesh(1)
 
 
 # ---------------------------------------------------------------------------------------
