@@ -6,9 +6,12 @@
 
 Sections:
   prefill  B=1, T=2048, Hk=16, Hv=32, K=V=128, float32: forward and forward+backward of each XLA path
-           against the fixed `lax.scan` yardstick (gdn_jax.benchmarking.yardstick_scan); compile times.
+           against the fixed `lax.scan` yardstick (gdn_jax.benchmarking.yardstick_scan); compile times;
+           KDA / GDA per path; cores busy; the chunked path again with value heads split over one
+           CPU device per usable core (the script sets XLA_FLAGS; `taskset` narrows the cores).
   decode   B=32, Hk=16, Hv=32, K=V=128, T=1, state donated: one jitted step against `np.copyto` of the
-           64 MiB state (the floor: the state must be read and written once).
+           64 MiB state (the floor: the state must be read and written once); the recurrent path
+           also with value heads split over the CPU devices.
   pools    decode into a state pool stored as float32, bfloat16 and float16 at B = 1, 32, 256:
            time against the bytes of the states touched, 16-bit / float32 ratios.
   sweep    time against T (B=1, Hv=32, K=V=128) for reference, recurrent and chunked: the break-even
