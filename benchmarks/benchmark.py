@@ -34,9 +34,11 @@ if "JAX_PLATFORMS" not in os.environ and not os.path.exists("/dev/nvidiactl"):
 # One CPU device per core this process may use (taskset narrows it), for the rows that split
 # heads over host devices (`gdn_jax.sharding.cpu_mesh`); the one-device rows are unaffected.
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+# the head split needs the device count to divide Hv = 32: the largest such count <= CORES
+_DEVICES = max(d for d in range(1, CORES + 1) if 32 % d == 0)
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={CORES}").strip()
+                               f" --xla_force_host_platform_device_count={_DEVICES}").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -49,6 +51,8 @@ from gdn_jax.benchmarking import (Progress, Shape, copy_time_ms, make_inputs, ta
 
 
 NDEV = len(jax.devices("cpu")) if jax.default_backend() == "cpu" else 1
+if 32 % NDEV:  # XLA_FLAGS set by the caller to a count that does not divide Hv
+    NDEV = 1
 
 
 def _op(impl, backend="xla", interpret=False, donate=False, state_layout="kv"):
