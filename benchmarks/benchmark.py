@@ -34,8 +34,9 @@ if "JAX_PLATFORMS" not in os.environ and not os.path.exists("/dev/nvidiactl"):
 # One CPU device per core this process may use (taskset narrows it), for the rows that split
 # heads over host devices (`gdn_jax.sharding.cpu_mesh`); the one-device rows are unaffected.
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-# the head split needs the device count to divide Hv = 32: the largest such count <= CORES
-_DEVICES = max(d for d in range(1, CORES + 1) if 32 % d == 0)
+HV = 32  # value heads of the prefill and decode shapes
+# the head split needs the device count to divide HV: the largest such count <= CORES
+_DEVICES = max(d for d in range(1, CORES + 1) if HV % d == 0)
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={_DEVICES}").strip()
@@ -46,12 +47,13 @@ import numpy as np  # noqa: E402
 
 from gdn_jax import gated_delta_net, sharded_gated_delta_net  # noqa: E402
 from gdn_jax.sharding import cpu_mesh, partition_specs  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 from gdn_jax.benchmarking import (Progress, Shape, copy_time_ms, make_inputs, table,  # noqa: E402
                                   time_decode_loops, time_jitted, yardstick_scan)
 
 
 NDEV = len(jax.devices("cpu")) if jax.default_backend() == "cpu" else 1
-if 32 % NDEV:  # XLA_FLAGS set by the caller to a count that does not divide Hv
+if HV % NDEV:  # XLA_FLAGS set by the caller to a count that does not divide HV
     NDEV = 1
 
 
@@ -77,7 +79,6 @@ def _sharded_op(impl, donate=False, state_layout="kv"):
 
 def _place_heads(args, kda: bool):
     """q, k, v, g, beta, h0 placed as the head-split op takes them (nothing moves per call)."""
-    from jax.sharding import NamedSharding
     mesh = cpu_mesh()
     sp = partition_specs(head_axis="heads", kda=kda)
     return tuple(jax.device_put(x, NamedSharding(mesh, s))
@@ -141,6 +142,13 @@ def decode(reps: int, modes=("GDA", "KDA")):
     # Both state layouts of a path run as alternating decode loops, so "vk" / "kv" is read
     # within one run under the same load.
     impls = ("recurrent", "chunked")
+
+    def add_rows(mode, name, kv, vk):  # one path's two layouts, against the copy and "kv"
+        for layout, t in (("kv", kv), ("vk", vk)):
+            rows.append([mode, name, layout, t.median_ms, t.min_ms,
+                         f"{t.median_ms / copy.median_ms:.2f}x", f"{t.min_ms / copy.min_ms:.2f}x",
+                         f"{t.median_ms / kv.median_ms:.2f}x", f"{t.cores:.2f}"])
+
     with Progress((len(impls) + (NDEV > 1)) * len(modes)) as p:
         for kda in (False, True):
             mode = "KDA" if kda else "GDA"
@@ -151,24 +159,14 @@ def decode(reps: int, modes=("GDA", "KDA")):
                 jobs = [(_op(impl, donate=True, state_layout=layout),
                          (*a, h if layout == "kv" else jnp.swapaxes(h, -1, -2) + 0.0))
                         for layout in ("kv", "vk")]
-                kv, vk = time_decode_loops(jobs, reps=reps, min_time_s=1.0)
-                for layout, t in (("kv", kv), ("vk", vk)):
-                    rows.append([mode, f"{impl} (xla)", layout, t.median_ms, t.min_ms,
-                                 f"{t.median_ms / copy.median_ms:.2f}x",
-                                 f"{t.min_ms / copy.min_ms:.2f}x",
-                                 f"{t.median_ms / kv.median_ms:.2f}x", f"{t.cores:.2f}"])
+                add_rows(mode, f"{impl} (xla)", *time_decode_loops(jobs, reps=reps, min_time_s=1.0))
                 p.step(f"{mode} {impl}")
             if NDEV > 1:
                 name = f"recurrent (xla), heads / {NDEV} devices"
                 jobs = [(_sharded_op("recurrent", donate=True, state_layout=layout),
                          _place_heads((*a, h if layout == "kv" else jnp.swapaxes(h, -1, -2) + 0.0),
                                       kda)) for layout in ("kv", "vk")]
-                kv, vk = time_decode_loops(jobs, reps=reps, min_time_s=1.0)
-                for layout, t in (("kv", kv), ("vk", vk)):
-                    rows.append([mode, name, layout, t.median_ms, t.min_ms,
-                                 f"{t.median_ms / copy.median_ms:.2f}x",
-                                 f"{t.min_ms / copy.min_ms:.2f}x",
-                                 f"{t.median_ms / kv.median_ms:.2f}x", f"{t.cores:.2f}"])
+                add_rows(mode, name, *time_decode_loops(jobs, reps=reps, min_time_s=1.0))
                 p.step(f"{mode} {name}")
     print(f"\nDecode step {shape}, float32, state donated ({nbytes / 2**20:.0f} MiB), each call "
           f"given the state the previous call returned; np.copyto of the state: median "
