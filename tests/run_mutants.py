@@ -18,8 +18,8 @@ For every row of the table in tests/mutants.md (or only the ids given to `--only
 A mutant is *caught* when pytest exits 1 with a failing test (the first one is named), *NOT
 caught* when the selection passes (exit 0), and an *error* otherwise (a collection error, no
 test selected, a timeout, a test erroring in setup): an error is a defect of the row, not a
-catch. `--baseline` first runs every selection unmutated and stops if that fails, so no catch
-is a failure that was there before the bug.
+catch. `--baseline` first runs every selection unmutated (one pytest run over their union) and
+stops if that fails, so no catch is a failure that was there before the bug.
 
 Why running only a row's selection is enough: the selection is a subset of the tier (the
 whole suite for `--tier full`, its tests not marked slow for `--tier everyday`), and a tier
