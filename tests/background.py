@@ -17,6 +17,18 @@ class Job(NamedTuple):
     wanted_by: Callable  # pytest item -> bool: does this test need the job?
 
 
+# XLA flags of the test processes (set by conftest): no LLVM optimisation passes.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def env_with_default_xla_opt(env: dict) -> dict:
+    """`env` without TEST_XLA_FLAGS: for a subprocess whose compiled code is what it reports
+    (the GPU compile report's registers and spills)."""
+    flags = env.get("XLA_FLAGS", "").replace(TEST_XLA_FLAGS, "").strip()
+    out = {k: v for k, v in env.items() if k != "XLA_FLAGS"}
+    return {**out, "XLA_FLAGS": flags} if flags else out
+
+
 _RUNNING: dict = {}
 _DONE: dict = {}
 

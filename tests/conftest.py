@@ -6,8 +6,21 @@ if "JAX_PLATFORMS" not in os.environ and not os.path.exists("/dev/nvidiactl"):
     # initialise a GPU and print a traceback on machines without one.
     os.environ["JAX_PLATFORMS"] = "cpu"
 
+# The suite compiles thousands of small XLA programs and runs each once on tiny shapes: LLVM's
+# optimisation passes are most of the compile time there (docs/testing.md, "Compile flags"), so
+# the tests compile without them. XLA CPU emits no fast-math, so the results do not change.
+# GDN_TEST_XLA_OPT=1 keeps XLA's default optimisation. Read when the first backend starts, so
+# it is set here, before any test imports jax; subprocesses inherit it.
+from background import TEST_XLA_FLAGS  # noqa: E402
+
+if os.environ.get("GDN_TEST_XLA_OPT") != "1" and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+# GDN_TEST_TIMINGS=FILE: per-test wall and compile seconds to FILE (tests/timing_plugin.py).
+pytest_plugins = ["timing_plugin"] if os.environ.get("GDN_TEST_TIMINGS") else []
 
 # Every new shape compiles, so no deadline; CI caps the examples to stay in budget.
 settings.register_profile("ci", deadline=None, max_examples=4, derandomize=True,
@@ -15,6 +28,15 @@ settings.register_profile("ci", deadline=None, max_examples=4, derandomize=True,
 settings.register_profile("dev", deadline=None, max_examples=25,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    """The tier's `-m` expression passes to the suite's pytest subprocesses
+    (tests/sharding_cases.py) through GDN_TEST_MARKEXPR, so they run the same tier."""
+    if config.option.markexpr:
+        os.environ["GDN_TEST_MARKEXPR"] = config.option.markexpr
+    elif os.environ.get("GDN_TEST_MARKEXPR"):
+        config.option.markexpr = os.environ["GDN_TEST_MARKEXPR"]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -408,6 +408,19 @@ def pairwise(axes: dict[str, list], tries: int = 30, seed: int = 0) -> list[dict
     return rows
 
 
+def slow_except(cases, *everyday: int) -> list:
+    """pytest params for `@pytest.mark.parametrize`: the cases at the indexes `everyday` run in
+    both tiers, every other case is marked `slow` (the full suite only). A plain tuple case
+    fills several argnames (a NamedTuple such as `Case` is one value); wrap a one-argname
+    tuple case as a 1-tuple."""
+    import pytest  # noqa: PLC0415
+
+    def param(i, case):
+        values = case if type(case) is tuple else (case,)
+        return pytest.param(*values, marks=() if i in everyday else pytest.mark.slow)
+    return [param(i, case) for i, case in enumerate(cases)]
+
+
 def examples_per_case(n_cases: int):
     """Hypothesis settings for a test parametrized `n_cases` ways outside hypothesis: the loaded
     profile's example budget shared among the cases (at least one each), so that

@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import GRAD_NAMES, Case, assert_close, make_inputs, rel_err  # noqa: E402
+from helpers import GRAD_NAMES, Case, assert_close, make_inputs, rel_err, slow_except  # noqa: E402
 
 from gdn_jax import gated_delta_net  # noqa: E402
 from gdn_jax.sharding import (collective_stats, cpu_mesh, partition_specs,  # noqa: E402
@@ -114,12 +114,13 @@ def _assert_no_collectives(stats):
 # Data and head parallel: no communication at all, forward or backward
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case,mesh_shape,axes,explicit", [
+# Everyday tier: data x head parallel on an Auto-axes mesh.
+@pytest.mark.parametrize("case,mesh_shape,axes,explicit", slow_except([
     (GDA, {"data": 2}, dict(batch_axis="data"), True),
     (GDA, {"data": 2, "tensor": 2}, dict(batch_axis="data", head_axis="tensor"), False),
     (GDA, {"data": 4, "tensor": 2}, dict(batch_axis="data", head_axis="tensor"), True),
     (KDA, {"data": 2}, dict(batch_axis="data"), False),
-], ids=["GDA-data2", "GDA-data2xhead2-auto", "GDA-data4xhead2", "KDA-data2-auto"])
+], 1), ids=["GDA-data2", "GDA-data2xhead2-auto", "GDA-data4xhead2", "KDA-data2-auto"])
 def test_data_and_head_parallel(case, mesh_shape, axes, explicit):
     out, ref, stats, _ = _run_sharded(case, _mesh(mesh_shape, explicit), axes)
     _assert_close(out, ref, 1e-5)
@@ -138,6 +139,7 @@ def test_head_parallel_qk_heads_not_divisible_slices_one_head():
     assert sum(c.result_bytes for c in stats) == qk_bytes, stats
 
 
+@pytest.mark.slow
 def test_cpu_mesh_splits_heads_over_every_cpu_device():
     """`cpu_mesh()`: one axis over all of the process's CPU devices; the head-split op on it
     (GDA Hv=8 over 8 devices, q/k replicated) equals the unsharded call."""
@@ -173,13 +175,14 @@ def _assert_context_parallel_collectives(stats, case, n_seq, b_shards=1, h_shard
     assert got == sorted(want), f"collectives {stats}, expected (kind, bytes) {sorted(want)}"
 
 
-@pytest.mark.parametrize("case,mesh_shape,axes,impl", [
+# Everyday tier: data x context parallel (GDA, reference path inside each segment).
+@pytest.mark.parametrize("case,mesh_shape,axes,impl", slow_except([
     (GDA, {"seq": 8}, dict(seq_axis="seq"), "chunked"),
     (GDA, {"data": 2, "seq": 4}, dict(batch_axis="data", seq_axis="seq"), "reference"),
     (KDA, {"seq": 8}, dict(seq_axis="seq"), "reference"),
     (KDA, {"data": 2, "tensor": 2, "seq": 2},
      dict(batch_axis="data", head_axis="tensor", seq_axis="seq"), "reference"),
-], ids=["GDA-seq8-chunked", "GDA-data2xseq4", "KDA-seq8", "KDA-data2xhead2xseq2"])
+], 1), ids=["GDA-seq8-chunked", "GDA-data2xseq4", "KDA-seq8", "KDA-data2xhead2xseq2"])
 def test_context_parallel(case, mesh_shape, axes, impl):
     mesh = _mesh(mesh_shape)
     out, ref, stats, specs = _run_sharded(case, mesh, axes, impl=impl)
@@ -193,6 +196,7 @@ def test_context_parallel(case, mesh_shape, axes, impl):
     _assert_context_parallel_collectives(stats, case, n_seq, b, h, qk_bytes=qk)
 
 
+@pytest.mark.slow
 def test_context_parallel_vk_layout_auto_mesh():
     """state_layout="vk" (initial and final state transposed) on an Auto-axes mesh of 2."""
     mesh = _mesh({"seq": 2}, explicit=False)
@@ -201,6 +205,7 @@ def test_context_parallel_vk_layout_auto_mesh():
     _assert_context_parallel_collectives(stats, GDA, 2)
 
 
+@pytest.mark.slow
 def test_context_parallel_bf16_recurrent():
     """bf16 inputs on the recurrent path (forward only), against the unsharded call."""
     case = GDA._replace(dtype="bf16", h0=False, T=64)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from gdn_jax import gated_delta_net, recurrent
-from helpers import Case, assert_no_pallas, assert_pallas, make_inputs, numpy_reference, rel_err
+from helpers import (Case, assert_no_pallas, assert_pallas, make_inputs, numpy_reference, rel_err,
+                     slow_except)
 
 TOL = 1e-4
 
@@ -67,23 +68,26 @@ def _check(args, h0, n, got, *, cu_seqlens=None, what=""):
 # Chunked (chunk size 64): T = 150 is 3 chunks (ragged: the last one is padded), so n = 64 and
 # 128 are per-chunk states and n = 32 two checkpoints per chunk; GDA and KDA each see every n
 # between this test and test_packed_sequences (each case compiles the chunked path).
-@pytest.mark.parametrize("n,kda,layout", [(32, False, "kv"), (64, True, "vk"), (128, False, "kv")])
+# Everyday tier: n = 32, two checkpoints per chunk (one inside, one at the chunk's end).
+@pytest.mark.parametrize("n,kda,layout", slow_except(
+    [(32, False, "kv"), (64, True, "vk"), (128, False, "kv")], 0))
 def test_chunked_matches_prefix_states(n, kda, layout):
     case = Case(kda=kda, T=150, B=2, K=8, V=8, Hk=1, group=2, h0=True, weak=True)
     args, h0 = make_inputs(case)
     _check(args, h0, n, _call(args, h0, n, impl="chunked", layout=layout), what=f"n={n}")
 
 
-@pytest.mark.parametrize("impl,n,kda,layout", [
+# Everyday tier: the XLA recurrent path, KDA, n = 3 (T = 10 is not a multiple of n).
+@pytest.mark.parametrize("impl,n,kda,layout", slow_except([
     ("recurrent", 1, False, "vk"), ("recurrent", 3, True, "kv"), ("recurrent", 3, False, "kv"),
-    ("recurrent", 1, True, "vk"), ("reference", 3, False, "kv"), ("reference", 1, True, "kv")])
+    ("recurrent", 1, True, "vk"), ("reference", 3, False, "kv"), ("reference", 1, True, "kv")], 1))
 def test_token_paths_match_prefix_states(impl, n, kda, layout):
     case = Case(kda=kda, T=10, B=2, K=8, V=8, Hk=1, group=2, h0=True, weak=True)
     args, h0 = make_inputs(case)
     _check(args, h0, n, _call(args, h0, n, impl=impl, layout=layout), what=f"{impl} n={n}")
 
 
-@pytest.mark.parametrize("layout", ["kv", "vk"])
+@pytest.mark.parametrize("layout", slow_except(["kv", "vk"], 1))
 def test_recurrent_head_blocks(monkeypatch, layout):
     """A state over BLOCK_BYTES runs one block of heads at a time (`_run_head_blocks`)."""
     monkeypatch.setattr(recurrent, "BLOCK_BYTES", 2 * 8 * 8 * 4)  # two 8x8 heads per block
@@ -101,12 +105,13 @@ def test_recurrent_head_blocks(monkeypatch, layout):
 
 
 # Packed sequences whose lengths are not multiples of n, an empty one included.
-# n = 40 puts checkpoints at varying positions inside chunks.
-@pytest.mark.parametrize("impl,n,lens,kda", [
+# n = 40 puts checkpoints at varying positions inside chunks. Everyday tier: that case, and the
+# reference path's packed checkpoints (the token-path offsets).
+@pytest.mark.parametrize("impl,n,lens,kda", slow_except([
     ("chunked", 32, (70, 0, 45, 100), True), ("chunked", 64, (70, 0, 45, 100), False),
     ("chunked", 40, (70, 0, 45, 100), False), ("chunked", 128, (130, 20), True),
     ("recurrent", 3, (5, 0, 13, 1, 8), True), ("recurrent", 1, (3, 4), False),
-    ("reference", 4, (5, 0, 13, 9), False)])
+    ("reference", 4, (5, 0, 13, 9), False)], 2, 6))
 def test_packed_sequences(impl, n, lens, kda):
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     T = int(cu[-1])
@@ -135,6 +140,7 @@ def test_chunked_checkpoints_at_chunk_ends_add_no_work():
     assert dots(checkpoint_every=40) > plain
 
 
+@pytest.mark.slow
 def test_pool_checkpoints_are_per_sequence():
     """With a state pool: checkpoints per sequence (zeros for a padding entry), the pool is
     updated as without checkpoints."""
@@ -158,6 +164,7 @@ def test_pool_checkpoints_are_per_sequence():
             assert rel_err(o[b:b + 1], o64) <= TOL, (impl, b)
 
 
+@pytest.mark.slow
 def test_fewer_tokens_than_n_and_no_tokens():
     case = Case(T=5, B=2, K=8, V=8, h0=True)
     args, h0 = make_inputs(case)
@@ -221,6 +228,7 @@ def _loss(impl, n, use_ckpts=False):
     return f
 
 
+@pytest.mark.slow
 def test_gradients_of_o_and_state_with_unused_checkpoints():
     """The same gradients as the call without checkpoints: the op saves only its inputs, and
     its backward (`api._xla_backward`, whatever the forward path) leaves the checkpoints out."""
@@ -243,7 +251,8 @@ def test_gradient_through_checkpoints_raises(impl):
 # The Pallas Triton chunked forward (interpret mode) at multiples of its chunk size 64: the
 # per-chunk states its state pass computes, stored. Each case has a checkpoint at a sequence's
 # end (taken from the final state) and one inside it (from a chunk's entering state).
-@pytest.mark.parametrize("n,lens,kda", [(64, None, False), (64, (70, 0, 128, 40), True)])
+# Everyday tier: the packed KDA case (an empty sequence, a sequence of two whole chunks).
+@pytest.mark.parametrize("n,lens,kda", slow_except([(64, None, False), (64, (70, 0, 128, 40), True)], 1))
 def test_pallas_chunked_forward(n, lens, kda):
     cu = None if lens is None else np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     T = 128 if cu is None else int(cu[-1])

@@ -124,6 +124,7 @@ def test_gate_exactly_zero_gradient():
     assert _rel(g_chunk[3], g_ref[3]) < 1e-5
 
 
+@pytest.mark.slow
 def test_front_padding_is_invisible():
     # A ragged T is padded at the front with g = beta = q = k = v = 0. Doing that by hand (to
     # the next multiple of 64) must give the same outputs and, on the real tokens, the same
@@ -143,6 +144,7 @@ def test_front_padding_is_invisible():
     np.testing.assert_allclose(d1[5], d2[5], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_short_sequence_small_chunk():
     # T < 64 uses one chunk of T rounded up to 16 (here 32, front-padded by 15).
     args = _inputs(6, T=17, Hk=2, Hv=4, K=16, V=8, kda=False)

@@ -91,7 +91,7 @@ def test_float32_kernel_is_full_precision(kda):
 # The compile subprocess starts when collection ends and runs beside the other tests
 # (tests/background.py); the tests that read its report run last.
 BACKGROUND = {"gpu_compile": background.Job(
-    [sys.executable, os.path.join(HERE, "gpu_compile.py")], dict(os.environ, JAX_PLATFORMS="cpu"),
+    [sys.executable, os.path.join(HERE, "gpu_compile.py")], background.env_with_default_xla_opt(dict(os.environ, JAX_PLATFORMS="cpu")),
     os.path.dirname(HERE), lambda item: "compile_report" in getattr(item, "fixturenames", ()))}
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gdn_jax import layers, weights
-from helpers import rel_err
+from helpers import rel_err, slow_except
 
 GDN_CFG = layers.GatedDeltaNetConfig(hidden_size=32, num_k_heads=2, num_v_heads=4, head_k_dim=16,
                                      head_v_dim=8)
@@ -30,7 +30,7 @@ def setup(kind, seed=0):
     return cfg, params, fn
 
 
-@pytest.mark.parametrize("kind", ["gdn", "kda"])
+@pytest.mark.parametrize("kind", slow_except(["gdn", "kda"], 0))
 def test_shapes_and_jit(kind):
     cfg, params, fn = setup(kind)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, cfg.hidden_size))
@@ -44,7 +44,7 @@ def test_shapes_and_jit(kind):
     assert cache.recurrent_state.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("kind", ["gdn", "kda"])
+@pytest.mark.parametrize("kind", slow_except(["gdn", "kda"], 1))
 def test_prefill_then_decode_equals_one_prefill(kind):
     cfg, params, fn = setup(kind)
     T1, T2, T3 = 6, 3, 5
@@ -74,7 +74,7 @@ def test_short_prompt_conv_state_is_left_padded():
     np.testing.assert_allclose(cache.conv_state[:, :, 2:], jnp.swapaxes(mixed, 1, 2), rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["gdn", "kda"])
+@pytest.mark.parametrize("kind", slow_except(["gdn", "kda"], 0))
 def test_impls_agree(kind):
     cfg, params, fn = setup(kind)
     x = jax.random.normal(jax.random.PRNGKey(4), (1, 20, cfg.hidden_size))
@@ -85,7 +85,7 @@ def test_impls_agree(kind):
         assert rel_err(c.recurrent_state, c_ref.recurrent_state) < 1e-4, impl
 
 
-@pytest.mark.parametrize("kind", ["gdn", "kda"])
+@pytest.mark.parametrize("kind", slow_except(["gdn", "kda"], 1))
 def test_grads_finite(kind):
     cfg, params, fn = setup(kind)
     x = jax.random.normal(jax.random.PRNGKey(5), (2, 12, cfg.hidden_size))
@@ -101,6 +101,7 @@ def test_grads_finite(kind):
     assert bool(jnp.all(jnp.isfinite(gx)))
 
 
+@pytest.mark.slow
 def test_grads_match_reference_autodiff():
     cfg, params, fn = setup("gdn")
     x = jax.random.normal(jax.random.PRNGKey(6), (1, 10, cfg.hidden_size))
@@ -146,7 +147,7 @@ def test_config_from_hf_dicts():
     assert (k.num_heads, k.head_dim, k.conv_kernel_size) == (32, 128, 4)
 
 
-@pytest.mark.parametrize("layout", ["qwen3_5", "qwen3_next"])
+@pytest.mark.parametrize("layout", slow_except(["qwen3_5", "qwen3_next"], 1))
 def test_gdn_state_dict_round_trip(layout, tmp_path):
     params = layers.init_gdn_params(jax.random.PRNGKey(0), GDN_CFG)
     prefix = "model.layers.3.linear_attn."
@@ -248,6 +249,7 @@ def _hybrid():
     return hybrid_model
 
 
+@pytest.mark.slow
 def test_hybrid_model_decode_matches_full_forward_and_trains():
     hm = _hybrid()
     cfg = hm.HybridConfig(vocab_size=16, hidden_size=32, mlp_size=32,

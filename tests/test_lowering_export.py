@@ -14,6 +14,7 @@ from jax import export
 
 from gdn_jax import gated_delta_net
 from gdn_jax.lowering import abstract_gpu, lower
+from helpers import slow_except
 
 S = jax.ShapeDtypeStruct
 TRITON = "__gpu$xla.gpu.triton"
@@ -58,7 +59,8 @@ CASES = [(p, kda, variant, grad)
          if (i + j) % 2 == 0 or j < 2]
 
 
-@pytest.mark.parametrize("platforms,kda,variant,grad", CASES,
+# Everyday tier: a CUDA-only pool gradient, cpu+cuda and cpu+tpu forwards.
+@pytest.mark.parametrize("platforms,kda,variant,grad", slow_except(CASES, 2, 4, 12),
                          ids=[f"{'+'.join(p)}-{'KDA' if k else 'GDA'}-{v}-{'grad' if g else 'fwd'}"
                               for p, k, v, g in CASES])
 def test_auto_lowers_for_every_platform_set(platforms, kda, variant, grad):
@@ -110,7 +112,7 @@ def test_export_without_the_disabled_check_names_the_triton_custom_call():
         export.export(f, platforms=("cpu", "cuda"))(*_inputs()[:5])
 
 
-@pytest.mark.parametrize("kda", [False, True], ids=["GDA", "KDA"])
+@pytest.mark.parametrize("kda", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["GDA", "KDA"])
 def test_cpu_cuda_export_round_trips_bit_exactly_on_the_cpu(kda):
     """Exported for cpu+cuda, serialized, deserialized and called on the CPU: the same bits
     as calling the op directly, for the forward (GDA and KDA) and the gradient (GDA)."""
@@ -144,7 +146,7 @@ def test_cpu_only_export_round_trips_without_disabled_checks():
 TPU_CUSTOM_CALL = "tpu_custom_call"
 
 
-@pytest.mark.parametrize("impl,grad", [("chunked", False), ("chunked", True), ("recurrent", False)])
+@pytest.mark.parametrize("impl,grad", slow_except([("chunked", False), ("chunked", True), ("recurrent", False)], 0, 2))
 def test_auto_picks_the_mosaic_tpu_kernels_when_lowering_for_tpu(impl, grad):
     """K = V = 128 (the TPU kernels' lane-dense head size): the TPU branch of a cpu+tpu
     program carries Mosaic kernels, the CUDA branch of a cpu+cuda one Triton kernels; no TPU

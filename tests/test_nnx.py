@@ -66,7 +66,8 @@ def test_import_without_flax():
     assert "ERR" in out.stdout and "gdn_jax[flax]" in out.stdout, out.stdout
 
 
-@pytest.mark.parametrize("kind", ["gdn", "kda"])
+@pytest.mark.parametrize("kind", [
+    "gdn", pytest.param("kda", marks=pytest.mark.slow)])
 def test_module_matches_functional_block(nnx, gnnx, kind):
     cls, cfg, init, block = _kind(gnnx, kind)
     # rngs= draws what the functional init draws from rngs.params()
@@ -95,7 +96,8 @@ def test_module_matches_functional_block(nnx, gnnx, kind):
     np.testing.assert_array_equal(np.asarray(y0), np.asarray(y1))
 
 
-@pytest.mark.parametrize("kind", ["gdn", "kda"])
+@pytest.mark.parametrize("kind", [
+    pytest.param("gdn", marks=pytest.mark.slow), "kda"])
 def test_param_dtype_and_dtype(nnx, gnnx, kind):
     cls, cfg, init, block = _kind(gnnx, kind)
     params = init(jax.random.key(1), cfg)
@@ -120,7 +122,8 @@ def test_param_dtype_and_dtype(nnx, gnnx, kind):
     assert all(v.dtype == jnp.bfloat16 for v in mr.functional_params().values())
 
 
-@pytest.mark.parametrize("kind", ["gdn", "kda"])
+@pytest.mark.parametrize("kind", [
+    "gdn", pytest.param("kda", marks=pytest.mark.slow)])
 def test_nnx_grad_matches_jax_grad(nnx, gnnx, kind):
     cls, cfg, init, block = _kind(gnnx, kind)
     params = init(jax.random.key(2), cfg)
@@ -205,6 +208,7 @@ def hf():
     return te
 
 
+@pytest.mark.slow  # torch and transformers modules; the functional equivalence has an everyday case
 @pytest.mark.parametrize("model", ["qwen3_5", "qwen3_next", "kimi_linear"])
 def test_from_state_dict_matches_transformers(nnx, gnnx, hf, model):
     from helpers import rel_err  # noqa: PLC0415

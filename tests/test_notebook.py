@@ -12,6 +12,7 @@ nbclient = pytest.importorskip("nbclient", reason="nbclient is in the test extra
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "exploration.ipynb"
 
 
+@pytest.mark.slow
 def test_exploration_notebook_runs(monkeypatch):
     monkeypatch.setenv("GDN_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))

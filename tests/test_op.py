@@ -11,7 +11,8 @@ import pytest
 from gdn_jax import RECURRENT_MAX_T, gated_delta_net, reference_gated_delta_net
 from gdn_jax.api import RECURRENT_BWD_MAX_T
 from helpers import (Case, assert_close, assert_no_pallas, assert_pallas, make_inputs, numpy_expected,
-                     numpy_reference, op_tolerance, op_vjp, pairwise, rel_err, tolerance, vjp_all)
+                     numpy_reference, op_tolerance, op_vjp, pairwise, rel_err, slow_except, tolerance,
+                     vjp_all)
 
 # Every value of every axis below, combined pairwise (not as a full product).
 AXES = {
@@ -74,8 +75,15 @@ def check_against_reference(case: Case, impl: str, tol_impl: str | None = None, 
     assert not bad, f"{case} impl={impl}: errors over tolerance {bad} (all: {errs})"
 
 
-@pytest.mark.parametrize("impl", ["recurrent", "chunked"])
-@pytest.mark.parametrize("case", CASES, ids=str)
+# Everyday tier: the recurrent path on KDA (T = 7, grouped, f16, h0, scale; gradients through its
+# own backward) and the chunked path on GDA (T = 65: a ragged chunk, grouped, bf16, h0, l2norm).
+EVERYDAY_OP = {("recurrent", 4), ("chunked", 16)}
+
+
+@pytest.mark.parametrize("case,impl", [
+    pytest.param(case, impl, id=f"{case}-{impl}",
+                 marks=() if (impl, i) in EVERYDAY_OP else pytest.mark.slow)
+    for impl in ("recurrent", "chunked") for i, case in enumerate(CASES)])
 def test_impl_matches_reference(case, impl):
     # Above RECURRENT_BWD_MAX_T the recurrent impl's backward IS the chunked backward (the same
     # function on the same saved inputs), checked by the chunked row of this case: compiling it
@@ -101,7 +109,7 @@ REF_CASES = [Case(), Case(kda=True, group=2, T=9, B=2, K=16, V=8, h0=True, l2nor
              Case(kda=True, T=12, K=8, V=24, gmin=-30.0)]
 
 
-@pytest.mark.parametrize("case", REF_CASES, ids=str)
+@pytest.mark.parametrize("case", slow_except(REF_CASES, 0, 1), ids=str)
 def test_reference_matches_float64_numpy(case):
     args, h0 = make_inputs(case)
     o, s = reference_gated_delta_net(*args, jnp.zeros((case.B, case.Hv, case.K, case.V)) if h0 is None else h0,
@@ -112,7 +120,7 @@ def test_reference_matches_float64_numpy(case):
     assert rel_err(s, s64) < tol
 
 
-@pytest.mark.parametrize("impl", ["reference", "recurrent", "chunked"])
+@pytest.mark.parametrize("impl", slow_except(["reference", "recurrent", "chunked"], 0, 1))
 def test_public_op_matches_float64_numpy(impl):
     case = Case(kda=True, group=2, T=70, B=2, K=16, V=32, h0=True, Hk=2, gmin=-5.0)
     args, h0 = make_inputs(case)
@@ -131,7 +139,10 @@ PALLAS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl,case", PALLAS_CASES, ids=[f"{i}-{c}" for i, c in PALLAS_CASES])
+# Everyday tier: the recurrent kernel (KDA bf16, its backward on the chunked kernels) and the
+# chunked kernels (GDA, grouped, two chunks: the carried state).
+@pytest.mark.parametrize("impl,case", slow_except(PALLAS_CASES, 0, 2),
+                         ids=[f"{i}-{c}" for i, c in PALLAS_CASES])
 def test_public_op_on_pallas_kernels_in_interpret_mode(impl, case):
     """The op's custom_vjp around the Pallas kernels: forward and all six gradients."""
     args, h0 = make_inputs(case)

@@ -11,7 +11,7 @@ import pytest
 
 from gdn_jax import gated_delta_net
 from gdn_jax.lowering import lower
-from helpers import Case, make_inputs, numpy_reference, op_tolerance, rel_err
+from helpers import Case, make_inputs, numpy_reference, op_tolerance, rel_err, slow_except
 
 S = jax.ShapeDtypeStruct
 
@@ -22,8 +22,10 @@ def _precisions(text):
     return found.count("DEFAULT"), found.count("HIGHEST")
 
 
-@pytest.mark.parametrize("platform", ["tpu", "cuda"])
-@pytest.mark.parametrize("impl,kda", [("chunked", False), ("chunked", True), ("recurrent", False)])
+# Everyday tier: GDA chunked for TPU, KDA chunked for CUDA (lowering only, no compile).
+@pytest.mark.parametrize("platform,impl,kda", slow_except(
+    [(p, i, k) for i, k in [("chunked", False), ("chunked", True), ("recurrent", False)]
+     for p in ("tpu", "cuda")], 0, 3))
 def test_lowered_dot_precisions_follow_the_policy(platform, impl, kda):
     T = 100 if impl == "chunked" else 4
     shapes = lambda dt: [S((1, T, 1, 32), dt), S((1, T, 1, 32), dt), S((1, T, 2, 32), dt),  # noqa: E731
@@ -41,7 +43,7 @@ def test_lowered_dot_precisions_follow_the_policy(platform, impl, kda):
     assert dh == 0, 'precision="highest" overrides the policy'
 
 
-@pytest.mark.parametrize("impl", ["chunked", "recurrent"])
+@pytest.mark.parametrize("impl", slow_except(["chunked", "recurrent"], 1))
 def test_bf16_with_default_precision_dots_meets_the_bf16_tolerance(impl):
     case = Case(T=150 if impl == "chunked" else 6, K=32, V=32, Hk=1, group=2, dtype="bf16",
                 h0=True, weak=True)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from gdn_jax import gated_delta_net, reference_gated_delta_net
 from helpers import (Case, assert_close, examples_per_case, make_inputs, numpy_expected, op_tolerance,
-                     op_vjp, rel_err, tolerance, vjp_all)
+                     op_vjp, rel_err, slow_except, tolerance, vjp_all)
 
 IMPLS = ["recurrent", "chunked"]
 
@@ -31,15 +31,22 @@ def cases(draw, max_T=150):
         gmin=-draw(st.sampled_from([0.0, 0.1, 1.0, 5.0, 30.0])))
 
 
-MODES = pytest.mark.parametrize("kda", [False, True], ids=["GDA", "KDA"])
-PATHS = pytest.mark.parametrize("impl", IMPLS)
+
+
+def paths_and_modes(impls, *everyday):
+    """impl x mode params (ids "impl-GDA" / "impl-KDA"); the (impl, kda) pairs in `everyday` run
+    in the everyday tier, the others are slow."""
+    return pytest.mark.parametrize("impl,kda", [
+        pytest.param(impl, kda, id=f"{impl}-{'KDA' if kda else 'GDA'}",
+                     marks=() if (impl, kda) in everyday else pytest.mark.slow)
+        for impl in impls for kda in (False, True)])
+
 # The strongest draw, run on every path and mode in every profile: three chunks (the last
 # ragged), grouped heads, an initial state, gates down to -30.
 WIDE = Case(group=2, Hk=1, T=150, B=1, K=32, V=16, h0=True, l2norm=True, gmin=-30.0)
 
 
-@PATHS
-@MODES
+@paths_and_modes(IMPLS, ("recurrent", False), ("chunked", False))
 @examples_per_case(4)
 @given(case=cases(), seed=st.integers(0, 2**16))
 @example(case=WIDE, seed=0)
@@ -52,8 +59,7 @@ def test_random_shapes_and_gates_match_reference(impl, kda, case, seed):
     assert rel_err(o, o_ref) < tol and rel_err(s, s_ref) < tol
 
 
-@PATHS
-@MODES
+@paths_and_modes(IMPLS, ("chunked", False))
 @examples_per_case(4)
 @given(case=cases(max_T=140), split=st.integers(1, 139))
 @example(case=WIDE._replace(T=140, gmin=-0.1), split=70)  # weak gates: the state matters
@@ -77,8 +83,7 @@ def test_chaining_two_calls_equals_one(impl, kda, case, split):
 EXTREMES = [("g=0", 0.0, None), ("g=-1e4", -1e4, None), ("beta=0", None, 0.0), ("beta=1", None, 1.0)]
 
 
-@pytest.mark.parametrize("impl", ["reference", *IMPLS])
-@MODES
+@paths_and_modes(["reference", *IMPLS], ("recurrent", True), ("chunked", False))
 def test_extreme_gates_match_float64(kda, impl):
     """g = 0, g = -1e4, beta = 0, beta = 1 with l2norm: outputs and all six gradients finite and
     equal to float64 numpy, at the tolerance of the path whose backward serves the call."""
@@ -102,7 +107,7 @@ def test_extreme_gates_match_float64(kda, impl):
         assert_close(got, want, tol_out, tol_grad, f"{impl} {case} {name}")
 
 
-@pytest.mark.parametrize("kda", [False, True])
+@pytest.mark.parametrize("kda", slow_except([False, True], 0))
 def test_strong_decay_gradients_are_accurate(kda):
     """g = -20 per token: dg is tiny and must not drown in cancellation (docs/spec.md section 4.4)."""
     case = Case(kda=kda, T=100, K=16, V=16, h0=True, l2norm=True)
@@ -121,7 +126,7 @@ def test_strong_decay_gradients_are_accurate(kda):
             assert rel_err(a, b) < 1e-4, (impl, name, rel_err(a, b))
 
 
-@pytest.mark.parametrize("impl,T", [("recurrent", 8), ("chunked", 80)])
+@pytest.mark.parametrize("impl,T", slow_except([("recurrent", 8), ("chunked", 80)], 0))
 def test_two_runs_are_bitwise_equal(impl, T):
     case = Case(kda=True, T=T, K=32, V=16, h0=True, group=2)
     args, h0 = make_inputs(case)
@@ -133,7 +138,7 @@ def test_two_runs_are_bitwise_equal(impl, T):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("impl,kda", [("recurrent", True), ("chunked", False)])
+@pytest.mark.parametrize("impl,kda", slow_except([("recurrent", True), ("chunked", False)], 0))
 def test_vmap_over_an_extra_leading_axis(impl, kda):
     cases = [Case(T=20, K=16, V=16, h0=True, kda=kda)]
     args, h0 = make_inputs(cases[0], 0)
@@ -154,6 +159,7 @@ def test_vmap_over_an_extra_leading_axis(impl, kda):
         assert rel_err(a[0], b) < 1e-5
 
 
+@pytest.mark.slow
 def test_checkpointed_layer_gradients():
     """jax.checkpoint around a layer that calls the op, under jit and grad."""
     case = Case(T=70, K=16, V=16, group=2, l2norm=True)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gdn_jax import layers
-from helpers import rel_err
+from helpers import rel_err, slow_except
 
 GDN_CFG = layers.GatedDeltaNetConfig(hidden_size=32, num_k_heads=2, num_v_heads=4, head_k_dim=16,
                                      head_v_dim=8)
@@ -76,7 +76,7 @@ def _check_against_per_request_calls(block, params, pools, x, y, new, requests):
     assert np.isfinite(np.asarray(y)).all()
 
 
-@pytest.mark.parametrize("kind", ["gdn", "kda"])
+@pytest.mark.parametrize("kind", slow_except(["gdn", "kda"], 1))
 def test_mixed_batch_equals_per_request_calls(kind):
     """The same path (recurrent) on both sides: equal to float32 rounding."""
     _, block, params, pools, x = _setup(kind)
@@ -90,6 +90,7 @@ def test_mixed_batch_equals_per_request_calls(kind):
         np.testing.assert_array_equal(np.asarray(a[UNTOUCHED]), np.asarray(b[UNTOUCHED]))
 
 
+@pytest.mark.slow
 def test_auto_impl_and_a_second_step_from_the_updated_pools():
     """impl="auto" on both sides (the packed call and the per-request calls may pick different
     paths, so 1e-5), and decode steps that continue from the pools the first step wrote."""
@@ -218,6 +219,7 @@ def test_serving_argument_errors_name_the_argument():
             block(params, args["x"], args["cache"], **kw)
 
 
+@pytest.mark.slow
 def test_serve_example_runs_and_checks_itself():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
     import serve

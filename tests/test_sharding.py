@@ -7,12 +7,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import background
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
 # Both subprocesses start when collection ends and run beside the other tests (tests/background.py).
 BACKGROUND = {
     "sharding_cases": background.Job(
@@ -37,11 +40,14 @@ def _check(proc: subprocess.CompletedProcess) -> None:
 def test_sharding_cases_on_8_host_devices():
     proc = _run("sharding_cases", 900)
     _check(proc)
-    # no skips or deselections presented as passes
+    # no skips presented as passes; deselections only by the tier's -m expression, which the
+    # subprocess inherits (tests/conftest.py)
     summary = proc.stdout.strip().splitlines()[-1]
-    assert "passed" in summary and not any(w in summary for w in ("skipped", "xfail", "deselected")), summary
+    assert "passed" in summary and not any(w in summary for w in ("skipped", "xfail")), summary
+    assert "deselected" not in summary or os.environ.get("GDN_TEST_MARKEXPR"), summary
 
 
+@pytest.mark.slow
 def test_sharded_training_example():
     proc = _run("sharded_example", 600)
     _check(proc)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gdn_jax import gated_delta_net
+from helpers import slow_except
 
 Hk, Hv, K, V = 1, 2, 16, 32
 
@@ -31,7 +32,8 @@ CASES = [("recurrent", 5, False, True, 2), ("recurrent", 20, True, False, 0),
          ("chunked", 100, False, True, 0), ("chunked", 100, True, False, 0)]
 
 
-@pytest.mark.parametrize("impl,T,kda,packed,ns", CASES,
+# Everyday tier: the recurrent path with packed sequences and snapshots.
+@pytest.mark.parametrize("impl,T,kda,packed,ns", slow_except(CASES, 0),
                          ids=[f"{c[0]}-T{c[1]}-{'KDA' if c[2] else 'GDA'}{'-packed' if c[3] else ''}"
                               f"{'-snaps' if c[4] else ''}" for c in CASES])
 def test_vk_is_kv_transposed_forward_and_gradients(impl, T, kda, packed, ns):
@@ -60,7 +62,7 @@ def test_vk_is_kv_transposed_forward_and_gradients(impl, T, kda, packed, ns):
                                    atol=1e-5 * float(jnp.max(jnp.abs(a))))
 
 
-@pytest.mark.parametrize("kda", [False, True], ids=["GDA", "KDA"])
+@pytest.mark.parametrize("kda", slow_except([False, True], 0), ids=["GDA", "KDA"])
 def test_vk_decode_step_never_transposes_the_state(kda):
     """The compiled decode step (donated state) updates the "vk" state in place: no
     transpose or copy the size of the state anywhere in the program."""

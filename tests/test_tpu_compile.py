@@ -44,8 +44,15 @@ def gate_shape(kda, b, t):
     return (b, t, HV, K) if kda else (b, t, HV)
 
 
-@pytest.mark.parametrize("kda", [False, True], ids=["GDA", "KDA"])
-@pytest.mark.parametrize("chip", CHIPS)
+def chips_and_modes(everyday):
+    """chip x mode params (ids "chip-GDA" / "chip-KDA"); `everyday` runs in the everyday tier."""
+    return pytest.mark.parametrize("chip,kda", [
+        pytest.param(chip, kda, id=f"{chip}-{'KDA' if kda else 'GDA'}",
+                     marks=() if (chip, kda) == everyday else pytest.mark.slow)
+        for chip in CHIPS for kda in (False, True)])
+
+
+@chips_and_modes(("v6e", True))
 def test_prefill_forward_and_backward_compile(chip, kda):
     from gdn_jax.kernels.tpu import chunked  # noqa: PLC0415
 
@@ -64,8 +71,7 @@ def test_prefill_forward_and_backward_compile(chip, kda):
         assert f"gdn_tpu_chunk_{'kda_' if kda else ''}{name}_k{K}_v{V}" in text, name
 
 
-@pytest.mark.parametrize("kda", [False, True], ids=["GDA", "KDA"])
-@pytest.mark.parametrize("chip", CHIPS)
+@chips_and_modes(("v5e", False))
 def test_pool_decode_step_compiles_in_place(chip, kda):
     from gdn_jax.kernels.tpu import recurrent  # noqa: PLC0415
 

@@ -165,8 +165,11 @@ def _versions():
           f"torch {torch.__version__} (tested {TESTED_TORCH})")
 
 
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("T_prefill,T_cont", [(70, 37), (3, 5)])
+# Everyday tier: Qwen3.5 with a short prefill and continuation (the recurrent path).
+@pytest.mark.parametrize("model,T_prefill,T_cont", [
+    pytest.param(m, tp, tc, id=f"{tp}-{tc}-{m}",
+                 marks=() if (m, tp) == ("qwen3_5", 3) else pytest.mark.slow)
+    for tp, tc in [(70, 37), (3, 5)] for m in MODELS])
 def test_matches_transformers(model, T_prefill, T_cont):
     errors = run_phases(model, T_prefill=T_prefill, T_cont=T_cont)
     print(f"\n{model} T_prefill={T_prefill} T_cont={T_cont}: {errors}")
@@ -175,6 +178,7 @@ def test_matches_transformers(model, T_prefill, T_cont):
                      f"{transformers.__version__}: {bad} (all: {errors})")
 
 
+@pytest.mark.slow
 def test_state_dict_round_trip_and_layouts():
     """Qwen3-Next's grouped `in_proj_qkvz`/`in_proj_ba` and Qwen3.5's split projections load to the
     same parameters; writing back gives the transformers state dict again."""
