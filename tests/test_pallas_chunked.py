@@ -13,6 +13,7 @@ import pytest
 from gdn_jax.kernels import chunked
 from gdn_jax.lowering import lower
 from gdn_jax.reference import reference_gated_delta_net
+from helpers import slow_except
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 # docs/spec.md section 4.2, chunked paths: (outputs, gradients)
@@ -63,9 +64,15 @@ FWD_CASES = [
     (1, 128, 2, 2, 32, 32, F16, False, True, True, F16),     # two whole chunks
     (1, 70, 1, 2, 128, 32, BF16, True, True, True, F32),     # K=128: two 16-column value blocks
 ]
+# Everyday tier: case 4, the forward's V-block grid axis (V = 128: four 32-column blocks) and
+# a ragged single chunk (T = 1, 63 masked rows), bf16, no initial state, B = 2. Ragged and
+# carried chunks, grouped heads and h0 of the forward with the output run in the everyday
+# tier through the op (tests/test_weak_decay.py's chunked-pallas row, tests/test_op.py).
+EVERYDAY_FWD = (4,)
 
 
-@pytest.mark.parametrize("B,T,Hk,Hv,K,V,dtype,has_h0,l2,ht,gdt", FWD_CASES)
+@pytest.mark.parametrize("B,T,Hk,Hv,K,V,dtype,has_h0,l2,ht,gdt",
+                         slow_except(FWD_CASES, *EVERYDAY_FWD))
 def test_forward_matches_reference(B, T, Hk, Hv, K, V, dtype, has_h0, l2, ht, gdt):
     q, k, v, g, beta, h0 = make_inputs(B, T, Hk, Hv, K, V, dtype=dtype, l2=l2, gate_dtype=gdt)
     scale = K ** -0.5
@@ -97,9 +104,17 @@ BWD_CASES = [
     (1, 130, 1, 2, 64, 32, BF16, True, True, True, None),    # bf16, three chunks
     (1, 33, 1, 2, 32, 16, F16, True, False, True, -5.0),     # f16, ragged single chunk
 ]
+# Everyday tier: case 2, the backward without h0 and without dht (the None branches, dh0
+# None), two q/k heads of two value heads each (dq / dk summed over the group), two V blocks
+# in the state passes' grid and the gradient kernels' V loop, one whole chunk, B = 2, raw
+# keys. The carried state's gradients (dg's carry term, several chunks, ragged, h0 and dht)
+# run in the everyday tier in tests/test_weak_decay.py's chunked-pallas-GDA-H2x1-K32V16-raw-h0
+# row (these cases' gates decay the carried state to nothing: tests/mutants.md).
+EVERYDAY_BWD = (2,)
 
 
-@pytest.mark.parametrize("B,T,Hk,Hv,K,V,dtype,has_h0,l2,has_dht,gmin", BWD_CASES)
+@pytest.mark.parametrize("B,T,Hk,Hv,K,V,dtype,has_h0,l2,has_dht,gmin",
+                         slow_except(BWD_CASES, *EVERYDAY_BWD))
 def test_backward_matches_reference(B, T, Hk, Hv, K, V, dtype, has_h0, l2, has_dht, gmin):
     q, k, v, g, beta, h0 = make_inputs(B, T, Hk, Hv, K, V, dtype=dtype, l2=l2, gmin=gmin, seed=1)
     scale = K ** -0.5
@@ -185,9 +200,16 @@ KDA_CASES = [
     (1, 130, 1, 2, 64, 32, BF16, True, True, True, False),   # bf16, three chunks, K = 64
     (1, 64, 2, 4, 16, 64, F16, False, False, False, False),  # f16, group 2, 2 V-blocks, no h0
 ]
+# Everyday tier: case 1, KDA forward and backward kernels in one program through the public op
+# (custom_vjp): two chunks, the second ragged (T = 70), several 16-token sub-blocks per chunk
+# (the sub-block rule's diagonal and off-diagonal pairs) under strong per-key decay, h0, dht,
+# one value head (the smallest grid). KDA bf16 backward in one chunk: tests/test_op.py's
+# everyday Pallas recurrent case (its backward is these kernels).
+EVERYDAY_KDA = (1,)
 
 
-@pytest.mark.parametrize("B,T,Hk,Hv,K,V,dtype,has_h0,l2,has_dht,strong", KDA_CASES)
+@pytest.mark.parametrize("B,T,Hk,Hv,K,V,dtype,has_h0,l2,has_dht,strong",
+                         slow_except(KDA_CASES, *EVERYDAY_KDA))
 def test_kda_forward_and_gradients_match_reference(B, T, Hk, Hv, K, V, dtype, has_h0, l2, has_dht,
                                                     strong):
     q, k, v, g, beta, h0 = make_kda_inputs(B, T, Hk, Hv, K, V, dtype=dtype, l2=l2, seed=3,
@@ -300,6 +322,9 @@ def test_lowers_for_cuda_without_a_gpu():
 
 # ---- weak decay against float64 numpy (the state carried across chunks matters) -------------
 
+# Full suite only: the everyday tier's weak-decay row on these kernels is in
+# tests/test_weak_decay.py (GDA, four chunks, the carried state and dg's carry term).
+@pytest.mark.slow
 @pytest.mark.parametrize("kda,dtype", [(False, "f32"), (True, "f32"), (False, "bf16")])
 def test_weak_decay_forward_and_gradients_match_float64(kda, dtype):
     """Weak decay (`helpers.weak_gates`: per-token g in [-0.1, 0], some heads g = 0, some

@@ -23,6 +23,7 @@ from gdn_jax._varlen import FIRST, LAST, chunk_layout, chunk_tables
 from gdn_jax.kernels import chunked
 from gdn_jax.lowering import lower
 from gdn_jax.reference import reference_gated_delta_net
+from helpers import slow_except
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
@@ -119,8 +120,15 @@ def _bwd_a(cu, q, k, v, g, beta, h0, do, dht):
                                     use_qk_l2norm=True, interpret=True, cu_seqlens=cu)
 
 
-@pytest.mark.parametrize("lens,gmin", [(LENS_A[0], None), (LENS_A[1], None), (LENS_A[1], -20.0)],
-                         ids=["lens0", "lens1", "lens1-strong-decay"])
+# Everyday tier: lens0, the forward and backward kernels on packed sequences: empty sequences
+# first, in the middle and last (the state / dht passed through), a one-token one, boundaries
+# off the 64-row grid of the packed row (the 64-token sequence's chunk starts at row 38), a
+# ragged sequence within one chunk, a three-chunk sequence (the carry inside a sequence), h0
+# and dht, grouped value heads; test_one_program_serves_every_length_set reuses its compile.
+# The other rows: full suite only.
+@pytest.mark.parametrize("lens,gmin", slow_except(
+    [(LENS_A[0], None), (LENS_A[1], None), (LENS_A[1], -20.0)], 0),
+    ids=["lens0", "lens1", "lens1-strong-decay"])
 def test_f32_forward_and_gradients_match_per_sequence_reference(lens, gmin):
     q, k, v, g, beta, h0 = make_inputs(lens, **A, dtype=F32, l2=True, seed=len(lens) + 3,
                                        gmin=gmin)
@@ -164,6 +172,9 @@ def _bwd_kda(cu, q, k, v, g, beta, h0, do, dht):
                                     use_qk_l2norm=True, interpret=True, cu_seqlens=cu)
 
 
+# Full suite only: KDA on these kernels runs in the everyday tier unpacked
+# (tests/test_pallas_chunked.py), and the packed tables are the same for GDA and KDA.
+@pytest.mark.slow
 def test_kda_f32_forward_and_gradients_match_per_sequence_reference():
     lens = (0, 37, 64, 70, 0)
     q, k, v, g, beta, h0 = make_inputs(lens, **A, dtype=F32, l2=True, seed=11, kda=True)
@@ -225,6 +236,9 @@ def _bwd_b(cu, q, k, v, g, beta, do):
                                     interpret=True, cu_seqlens=cu)
 
 
+# Full suite only: no state / no dht, two V blocks and two q/k heads run in the everyday tier
+# unpacked (tests/test_pallas_chunked.py's everyday backward case).
+@pytest.mark.slow
 @pytest.mark.parametrize("lens", [(64, 64, 10), (3, 0, 135)])
 def test_bf16_grouped_no_state_matches_per_sequence_reference(lens):
     q, k, v, g, beta, h0 = make_inputs(lens, **B_, dtype=BF16, l2=False, seed=5)

@@ -14,7 +14,7 @@ import pytest
 from gdn_jax.kernels import recurrent
 from gdn_jax.lowering import lower
 from gdn_jax.reference import reference_gated_delta_net
-from helpers import assert_pallas, rel_err, tolerance
+from helpers import assert_pallas, rel_err, slow_except, tolerance
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 
@@ -48,9 +48,20 @@ CASES = [
     (1, 16, 2, 4, 64, 256, True, F32, False, True, "kv", True, F32),     # V=256 from zeros
     (2, 33, 1, 2, 32, 128, False, F32, True, False, "vk", False, F32),   # odd T
 ]
+# Everyday tier (the rest: full suite only):
+# - 0: grouped heads with two q/k heads (value head h reads q/k head h // group, beta per value
+#   head: tests/mutants.md pallas-group-index, pallas-beta-head), sixteen V blocks (BV = 8),
+#   decode T = 1, "kv" layout transposed on chip, h0, l2norm;
+# - 5: KDA (per-key gates), bf16 inputs, no initial state (the zero tile), no l2norm, two V
+#   blocks, T = 7 in one program's token loop.
+# The "vk" layout: test_decode_loop_in_vk_layout; clamped gates: test_strong_decay_...;
+# output_final_state=False and the unpipelined loop: test_pallas_recurrent_varlen.py's
+# test_snapshots_without_final_state_and_prefetch_off.
+EVERYDAY_CASES = (0, 5)
 
 
-@pytest.mark.parametrize("B,T,Hk,Hv,K,V,kda,dtype,has_h0,l2,layout,ht,gdt", CASES)
+@pytest.mark.parametrize("B,T,Hk,Hv,K,V,kda,dtype,has_h0,l2,layout,ht,gdt",
+                         slow_except(CASES, *EVERYDAY_CASES))
 def test_matches_reference(B, T, Hk, Hv, K, V, kda, dtype, has_h0, l2, layout, ht, gdt):
     q, k, v, g, beta, h0 = make_inputs(B, T, Hk, Hv, K, V, kda=kda, dtype=dtype, gate_dtype=gdt)
     if not has_h0:
@@ -77,6 +88,7 @@ def test_matches_reference(B, T, Hk, Hv, K, V, kda, dtype, has_h0, l2, layout, h
         assert s is None
 
 
+@pytest.mark.slow  # 7 compiles; the everyday tier runs each layout and prefetch=False elsewhere
 def test_layouts_and_block_sizes_agree():
     """Both state layouts, every value split and the unpipelined loop give the same result."""
     q, k, v, g, beta, h0 = make_inputs(1, 2, 1, 2, 32, 64, kda=True, dtype=F32, seed=3)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from gdn_jax import gated_delta_net
-from helpers import GRAD_NAMES, assert_pallas, cotangents, numpy_vjp, op_tolerance, rel_err
+from helpers import (GRAD_NAMES, assert_pallas, cotangents, numpy_vjp, op_tolerance, rel_err,
+                     slow_except)
 
 T, Hk, G, K, V = 150, 1, 2, 16, 32
 Hv = Hk * G
@@ -72,7 +73,12 @@ PATHS = [("reference", "xla", False), ("recurrent", "xla", True), ("chunked", "x
          ("chunked", "xla", True), ("chunked", "pallas", False), ("recurrent", "pallas", True)]
 
 
-@pytest.mark.parametrize("impl,backend,kda", PATHS,
+# Everyday tier: reference-xla-GDA, the op's segment ids to packed sequences and back (three
+# documents and a padding gap in one row, left padding then a document continuing the row's
+# initial state in the other), outputs, final states and all six gradients. The same packed
+# call runs on the other paths in the everyday tier of tests/test_weak_decay.py and the
+# kernel modules; the other paths here (chunked and Pallas backward compiles): full suite only.
+@pytest.mark.parametrize("impl,backend,kda", slow_except(PATHS, 0),
                          ids=[f"{i}-{b}-{'KDA' if k else 'GDA'}" for i, b, k in PATHS])
 def test_segment_ids_equal_separate_calls(impl, backend, kda):
     q, k, v, g, beta, h0 = _inputs(kda)

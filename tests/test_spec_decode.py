@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from gdn_jax import gated_delta_net
-from helpers import assert_no_pallas, assert_pallas, numpy_reference, rel_err, tolerance
+from helpers import (assert_no_pallas, assert_pallas, numpy_reference, rel_err, slow_except,
+                     tolerance)
 
 P, H, K, V = 14, 2, 16, 16
 T = 3
@@ -122,8 +123,21 @@ def _ids(cases):
     return ["-".join([i, b, lay, "kda" if kda else "gda"]) for i, b, lay, kda in cases]
 
 
-@pytest.mark.parametrize("separate_write", [False, True], ids=["in-place", "write-table"])
-@pytest.mark.parametrize("impl,backend,layout,kda", CASES, ids=_ids(CASES))
+# Every case with the read table as the write table ("in-place") and with a separate one.
+# Everyday tier: reference-xla-kv-gda-write-table (the op's semantics: per-token writes, -1
+# skips, padding, has_initial_state False), recurrent-xla-vk-kda-in-place (the XLA recurrent
+# path's per-token stores, "vk", KDA) and recurrent-pallas-kv-gda-write-table (the Pallas
+# kernel's per-token guarded stores into the pool from the write table); the rest: full suite.
+TOKEN_CASES = [(*c, sw) for c in CASES for sw in (False, True)]
+TOKEN_IDS = [f"{i}-{'write-table' if sw else 'in-place'}"
+             for i in _ids(CASES) for sw in (False, True)]
+EVERYDAY_TOKEN = ("reference-xla-kv-gda-write-table", "recurrent-xla-vk-kda-in-place",
+                  "recurrent-pallas-kv-gda-write-table")
+
+
+@pytest.mark.parametrize("impl,backend,layout,kda,separate_write",
+                         slow_except(TOKEN_CASES, *(TOKEN_IDS.index(i) for i in EVERYDAY_TOKEN)),
+                         ids=TOKEN_IDS)
 def test_token_states_land_in_their_slots(impl, backend, layout, kda, separate_write):
     args = _inputs(len(READ), T, kda=kda)
     pool = _pool()
@@ -146,7 +160,11 @@ def test_token_states_land_in_their_slots(impl, backend, layout, kda, separate_w
 PACKED = [("reference", "xla"), ("recurrent", "xla"), ("recurrent", "pallas")]
 
 
-@pytest.mark.parametrize("impl,backend", PACKED, ids=[f"{i}-{b}" for i, b in PACKED])
+# Everyday tier: recurrent-pallas, the kernel's packed sequences (3, 1, 0, 2 tokens) with
+# per-token write columns; the XLA paths' per-token writes run in the everyday tier unpacked
+# (above). The other paths: full suite only.
+@pytest.mark.parametrize("impl,backend", slow_except(PACKED, 2),
+                         ids=[f"{i}-{b}" for i, b in PACKED])
 def test_packed_drafts_with_cu_seqlens(impl, backend):
     """Sequences of 3, 1, 0 and 2 tokens packed along T = 6 with a 3-column table: token p of
     a sequence writes column p; columns past its length are never used."""
@@ -169,7 +187,9 @@ def test_packed_drafts_with_cu_seqlens(impl, backend):
     assert rel_err(o, o_want) <= TOL
 
 
-@pytest.mark.parametrize("impl,backend", PACKED[1:], ids=[f"{i}-{b}" for i, b in PACKED[1:]])
+# Everyday tier: recurrent-xla (the property on the XLA path); recurrent-pallas: full suite.
+@pytest.mark.parametrize("impl,backend", slow_except(PACKED[1:], 0),
+                         ids=[f"{i}-{b}" for i, b in PACKED[1:]])
 def test_verify_then_rollback_equals_sequential_decode(impl, backend):
     """Two verification steps of W = 4 drafts with vLLM's slot blocks (request n owns slots
     n*W .. n*W+W-1, read and write table alike): after step 1 request n accepts a[n] drafts,

@@ -9,7 +9,7 @@ import pytest
 
 from gdn_jax import gated_delta_net
 from helpers import (Case, assert_close, assert_pallas, make_inputs, numpy_expected,
-                     op_tolerance, op_vjp)
+                     op_tolerance, op_vjp, slow_except)
 
 BACKEND = "pallas_mosaic_tpu"
 K = V = 128  # the TPU kernels' lane-dense head size
@@ -20,9 +20,15 @@ CASES = [  # (impl, case)
     ("recurrent", Case(kda=False, Hk=1, group=2, T=5, B=2, K=K, V=V, h0=True, weak=True)),
     ("recurrent", Case(kda=True, Hk=1, group=1, T=3, K=K, V=V, h0=True, gmin=-30.0)),
 ]
+# Everyday tier: case 3, the op's dispatch to the Mosaic kernels: the recurrent kernel forward
+# (N = 1: one busy and one idle chain of the (2, 1) grid) and its backward on the Mosaic
+# chunked kernels with KDA gates (one ragged chunk of 3 rows, strong decay, dh0). The chunked
+# GDA backward over two chunks: tests/test_tpu_chunked.py's everyday test_strong_decay[GDA].
+EVERYDAY_CASES = (3,)
 
 
-@pytest.mark.parametrize("impl,case", CASES, ids=[f"{i}-{c}" for i, c in CASES])
+@pytest.mark.parametrize("impl,case", slow_except(CASES, *EVERYDAY_CASES),
+                         ids=[f"{i}-{c}" for i, c in CASES])
 def test_mosaic_tpu_kernels_through_the_op_match_float64(impl, case):
     args, h0 = make_inputs(case)
 

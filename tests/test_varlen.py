@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from gdn_jax import gated_delta_net
 from helpers import (GRAD_NAMES, assert_close, assert_pallas, examples_per_case, numpy_expected,
-                     numpy_reference, op_tolerance, rel_err, tolerance)
+                     numpy_reference, op_tolerance, rel_err, slow_except, tolerance)
 
 F32 = jnp.float32
 # (impl, backend) pairs; Pallas in interpret mode
@@ -80,6 +80,10 @@ def _check_against_separate(impl, backend, lens, *, kda, seed=0, gmin=-2.0):
     assert_close(got, want, tol_out, tol_grad, f"{impl}/{backend} lens={lens} kda={kda}")
 
 
+# Full suite only (an XLA chunked KDA backward and a Pallas KDA backward compile): packed
+# sequences against separate calls run in the everyday tier in the random packings on the
+# reference path below, tests/test_weak_decay.py and the kernel modules.
+@pytest.mark.slow
 @pytest.mark.parametrize("impl,backend,kda", [("chunked", "xla", True), ("recurrent", "pallas", True)])
 def test_packed_equals_separate_calls(impl, backend, kda):
     # lengths 0, 1, short, longer than a chunk; a boundary falls inside chunks (the random
@@ -87,6 +91,7 @@ def test_packed_equals_separate_calls(impl, backend, kda):
     _check_against_separate(impl, backend, [3, 0, 70, 1, 0, 9], kda=kda)
 
 
+@pytest.mark.slow  # the XLA chunked backward compile
 def test_strong_decay_packed_chunked():
     _check_against_separate("chunked", "xla", [40, 30], kda=False, gmin=-20.0, seed=5)
 
@@ -95,8 +100,11 @@ PACK_T = 200  # one T (and N = 4) for every example: cu_seqlens is traced, so on
 _length = st.one_of(st.just(0), st.just(1), st.integers(2, 20), st.integers(65, 150))
 
 
-@pytest.mark.parametrize("impl,backend", PATHS)
-@pytest.mark.parametrize("kda", [False, True], ids=["GDA", "KDA"])
+# Everyday tier: GDA-reference-xla (random packings with lengths 0, 1, short and over two
+# chunks, outputs, states and all gradients); the other paths (each a T = 200 backward
+# compile): full suite only.
+@pytest.mark.parametrize("impl,backend", slow_except(PATHS, 0))
+@pytest.mark.parametrize("kda", slow_except([False, True], 0), ids=["GDA", "KDA"])
 @examples_per_case(2)
 @given(drawn=st.lists(_length, min_size=3, max_size=3), seed=st.integers(0, 2**16))
 def test_random_packings_equal_separate_calls(impl, backend, kda, drawn, seed):
@@ -130,10 +138,14 @@ def _pool_call(impl, backend, layout="kv", donate=False):
     return jax.jit(f, donate_argnums=(5,) if donate else ())
 
 
-@pytest.mark.parametrize("impl,backend,layout,kda", [
+# Everyday tier: recurrent-xla-kv (the XLA recurrent path's in-place pool) and
+# reference-xla-vk (the gathered pool, "vk"), a padding entry -1 and poisoned slots; pools on
+# the Pallas recurrent kernel run in the everyday tier of tests/test_pallas_recurrent_varlen.py.
+# The chunked and Pallas cases: full suite only.
+@pytest.mark.parametrize("impl,backend,layout,kda", slow_except([
     ("recurrent", "xla", "kv", False), ("chunked", "xla", "vk", True),
     ("recurrent", "pallas", "vk", False), ("recurrent", "pallas", "kv", True),
-    ("chunked", "pallas", "kv", False), ("reference", "xla", "vk", False)])
+    ("chunked", "pallas", "kv", False), ("reference", "xla", "vk", False)], 0, 5))
 def test_pool_touches_only_indexed_slots(impl, backend, layout, kda):
     B, T, P = 3, 2, 6
     rng = np.random.default_rng(0)
@@ -160,6 +172,7 @@ def test_pool_touches_only_indexed_slots(impl, backend, layout, kda):
         assert rel_err(kv(new[slot])[None], ht_np) < TOL[impl]
 
 
+@pytest.mark.slow  # the XLA chunked backward compile
 def test_pool_with_packed_sequences_and_gradients():
     lens, P = [4, 0, 7], 5
     args, _ = _inputs(sum(lens), 3, kda=False)
@@ -219,10 +232,13 @@ def test_pool_index_errors(bad, msg):
 # ----------------------------------------------------------------------------- snapshots
 
 
-@pytest.mark.parametrize("impl,backend,packed,layout", [
+# Everyday tier: the XLA recurrent path, batched ("kv") and packed ("vk", an empty sequence,
+# sequences shorter than num_snapshots); Pallas snapshots run in the everyday tier of
+# tests/test_pallas_recurrent_varlen.py. The other cases: full suite only.
+@pytest.mark.parametrize("impl,backend,packed,layout", slow_except([
     ("recurrent", "xla", False, "kv"), ("recurrent", "xla", True, "vk"),
     ("reference", "xla", True, "kv"), ("recurrent", "pallas", True, "kv"),
-    ("recurrent", "pallas", False, "vk")])
+    ("recurrent", "pallas", False, "vk")], 0, 1))
 def test_snapshots_equal_truncated_calls(impl, backend, packed, layout):
     ns = 4
     lens = [6, 2, 0, 5] if packed else [6, 6]
@@ -330,6 +346,9 @@ def test_empty_call_passes_states_through():
     np.testing.assert_array_equal(np.asarray(snaps[:, 1]), np.asarray(h0))
 
 
+# Full suite only: pool gradients through the Pallas backward run in the everyday tier in
+# tests/test_serving.py (recurrent-pallas, with write slots and has_initial_state).
+@pytest.mark.slow
 @pytest.mark.parametrize("impl,packed", [("recurrent", False), ("chunked", True)])
 def test_pool_gradients_through_pallas_backward(impl, packed):
     """Forward on a Pallas kernel with a pool: the backward runs the Pallas chunked kernels on
