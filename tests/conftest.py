@@ -32,7 +32,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 def pytest_configure(config):
     """The tier's `-m` expression passes to the suite's pytest subprocesses
-    (tests/sharding_cases.py) through GDN_TEST_MARKEXPR, so they run the same tier."""
+    (tests/sharding_cases.py) through GDN_TEST_MARKEXPR, so they run the same tier.
+    GDN_TEST_COMPILE_CACHE=DIR turns on JAX's persistent compilation cache in DIR for every
+    program (measured not to pay here: docs/testing.md, "Compile once, use many")."""
+    cache = os.environ.get("GDN_TEST_COMPILE_CACHE")
+    if cache:
+        import jax  # noqa: PLC0415
+
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        import background  # noqa: PLC0415
+
+        background.make_session_dir()
     if config.option.markexpr:
         os.environ["GDN_TEST_MARKEXPR"] = config.option.markexpr
     elif os.environ.get("GDN_TEST_MARKEXPR"):
@@ -59,11 +72,8 @@ def _free_compiled_programs():
 def pytest_collection_modifyitems(session, config, items):
     """Starts the background subprocess jobs of the selected tests (tests/background.py) and
     runs their consumers last, so the jobs overlap the rest of the suite. Under pytest-xdist
-    (not what CI runs) every worker collects every test but runs only some: there a job starts
-    when its consumer asks for it (background.result), in the worker that runs it, and no
-    longer overlaps the rest (the compile job then needs a machine with cores to spare)."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        return
+    every worker collects every test (and reorders them alike); the first to ask starts each
+    job, once for the session."""
     import background  # noqa: PLC0415
 
     late = []
@@ -79,7 +89,10 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_unconfigure(config):
-    """A job nobody waited for (an interrupted or failed run) must not outlive pytest."""
+    """A job nobody waited for (an interrupted or failed run) must not outlive pytest (the main
+    process ends them, after every xdist worker is done)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     import background  # noqa: PLC0415
 
     background.stop_all()

@@ -11,7 +11,7 @@ For every row of the table in tests/mutants.md (or only the ids given to `--only
    and requires all three to come from the copy. With `PYTHONPATH=<copy>` the copy is found
    by the normal path finder, ahead of the editable install's finder (which setuptools
    appends to `sys.meta_path`), so the tests really run the mutated code;
-4. `python -m pytest -q -x -p no:cacheprovider <selection>` runs inside the copy
+4. `python -m pytest -q -x -n 0 -p no:cacheprovider <selection>` runs inside the copy
    (`-m "not slow"` added for `--tier everyday`), with `PYTHONPATH=<copy>` and
    `JAX_PLATFORMS=cpu`.
 
@@ -181,7 +181,10 @@ def check_imports(root: Path, modules: list[str]) -> None:
 def run_pytest(root: Path, selection: tuple[str, ...], tier: str,
                timeout_s: float) -> tuple[int, str]:
     """(exit code, output) of pytest on `selection` inside the copy; exit code -1 on timeout."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *selection]
+    # -n 0: one process (pyproject's addopts spread a run over xdist workers), so -x stops at
+    # the first failure and names it
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
+           *selection]
     if tier == "everyday":
         cmd += ["-m", "not slow"]
     try:

@@ -96,8 +96,8 @@ def test_module_matches_functional_block(nnx, gnnx, kind):
     np.testing.assert_array_equal(np.asarray(y0), np.asarray(y1))
 
 
-@pytest.mark.parametrize("kind", [
-    pytest.param("gdn", marks=pytest.mark.slow), "kda"])
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
 def test_param_dtype_and_dtype(nnx, gnnx, kind):
     cls, cfg, init, block = _kind(gnnx, kind)
     params = init(jax.random.key(1), cfg)
@@ -122,8 +122,8 @@ def test_param_dtype_and_dtype(nnx, gnnx, kind):
     assert all(v.dtype == jnp.bfloat16 for v in mr.functional_params().values())
 
 
-@pytest.mark.parametrize("kind", [
-    "gdn", pytest.param("kda", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
 def test_nnx_grad_matches_jax_grad(nnx, gnnx, kind):
     cls, cfg, init, block = _kind(gnnx, kind)
     params = init(jax.random.key(2), cfg)
@@ -145,6 +145,7 @@ def test_nnx_grad_matches_jax_grad(nnx, gnnx, kind):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=k)
 
 
+@pytest.mark.slow
 def test_optax_step_under_nnx_jit(nnx, gnnx):
     optax = pytest.importorskip("optax")
     m = gnnx.GatedDeltaNet(GDN_CFG, rngs=nnx.Rngs(0))

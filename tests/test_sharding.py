@@ -14,12 +14,15 @@ import background
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+# (without GDN_TEST_TIMINGS: the subprocess's tests are timed as this module's two tests)
+ENV = {k: v for k, v in os.environ.items() if k != "GDN_TEST_TIMINGS"}
+ENV.update(JAX_PLATFORMS="cpu", XLA_FLAGS=(
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
 # Both subprocesses start when collection ends and run beside the other tests (tests/background.py).
 BACKGROUND = {
     "sharding_cases": background.Job(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sharding_cases.py"],
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+         "tests/sharding_cases.py"],
         ENV, ROOT, lambda item: item.name == "test_sharding_cases_on_8_host_devices"),
     # impl="reference": the chunked backward would take most of a minute to compile here
     "sharded_example": background.Job(

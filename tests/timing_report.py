@@ -23,18 +23,20 @@ def render(rows: dict, top: int) -> str:
     for nodeid, r in rows.items():
         f = files[_file_of(nodeid)]
         f["tests"] += 1
-        for col in ("wall_s", "compile_s", "trace_s", "lower_s", "compiles"):
+        for col in ("wall_s", "compile_s", "trace_s", "lower_s", "compiles", "cache_hits"):
             f[col] += r.get(col, 0.0)
     total = {col: sum(f[col] for f in files.values())
-             for col in ("tests", "wall_s", "compile_s", "trace_s", "lower_s", "compiles")}
-    out = ["| file | tests | wall s | compile s | trace + lower s | compiles |",
-           "|---|---|---|---|---|---|"]
+             for col in ("tests", "wall_s", "compile_s", "trace_s", "lower_s", "compiles",
+                         "cache_hits")}
+    out = ["| file | tests | wall s | compile s | trace + lower s | compiles | cache hits |",
+           "|---|---|---|---|---|---|---|"]
     for name, f in sorted(files.items(), key=lambda kv: -kv[1]["wall_s"]):
         out.append(f"| {name} | {int(f['tests'])} | {f['wall_s']:.1f} | {f['compile_s']:.1f} | "
-                   f"{f['trace_s'] + f['lower_s']:.1f} | {int(f['compiles'])} |")
+                   f"{f['trace_s'] + f['lower_s']:.1f} | {int(f['compiles'])} | "
+                   f"{int(f['cache_hits'])} |")
     out.append(f"| **all** | {int(total['tests'])} | {total['wall_s']:.1f} | "
                f"{total['compile_s']:.1f} | {total['trace_s'] + total['lower_s']:.1f} | "
-               f"{int(total['compiles'])} |")
+               f"{int(total['compiles'])} | {int(total['cache_hits'])} |")
     out += ["", f"The {top} slowest tests:", "",
             "| test | wall s | compile s | trace + lower s | compiles |", "|---|---|---|---|---|"]
     for nodeid, r in sorted(rows.items(), key=lambda kv: -kv[1].get("wall_s", 0.0))[:top]:
