@@ -271,6 +271,7 @@ def test_chunked_varlen_compiles_for_sm90a(compile_report, which, n):
     assert len(others) <= (3 if which == "varlen-fwd" else 12), others
 
 
+@pytest.mark.slow  # lowering every float32 chunked kernel: 87 s on a loaded machine
 def test_chunked_float32_kernels_are_full_precision():
     """Every float32 dot of the float32 chunked kernels (forward and backward) is IEEE, no TF32."""
     from gdn_jax.kernels import chunked

@@ -139,9 +139,9 @@ PALLAS_CASES = [
 ]
 
 
-# Everyday tier: the recurrent kernel (KDA bf16, its backward on the chunked kernels) and the
-# chunked kernels (GDA, grouped, two chunks: the carried state).
-@pytest.mark.parametrize("impl,case", slow_except(PALLAS_CASES, 0, 2),
+# Everyday tier: the chunked kernels (GDA, grouped, two chunks: the carried state). The
+# recurrent kernel and the KDA chunked kernels run everyday in their own modules.
+@pytest.mark.parametrize("impl,case", slow_except(PALLAS_CASES, 2),
                          ids=[f"{i}-{c}" for i, c in PALLAS_CASES])
 def test_public_op_on_pallas_kernels_in_interpret_mode(impl, case):
     """The op's custom_vjp around the Pallas kernels: forward and all six gradients."""

@@ -146,6 +146,7 @@ def test_backward_matches_reference(B, T, Hk, Hv, K, V, dtype, has_h0, l2, has_d
         assert rel(x, r) < tol, (name, rel(x, r))
 
 
+@pytest.mark.slow  # a minute on a loaded machine, jitted or not; the XLA paths' clamp runs everyday
 def test_clamped_gates_have_zero_gradient():
     """g below G_MIN (-104) is clamped like every path; its gradient is zero, all finite."""
     q, k, v, g, beta, h0 = make_inputs(1, 20, 1, 1, 16, 16, dtype=F32, l2=True, seed=2)
