@@ -44,7 +44,8 @@ def test_shapes_and_jit(kind):
     assert cache.recurrent_state.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("kind", slow_except(["gdn", "kda"], 1))
+@pytest.mark.slow  # the cache semantics run everyday in tests/test_serving_layers.py
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
 def test_prefill_then_decode_equals_one_prefill(kind):
     cfg, params, fn = setup(kind)
     T1, T2, T3 = 6, 3, 5

@@ -355,6 +355,7 @@ def test_weak_decay_forward_and_gradients_match_float64(kda, dtype):
     assert_close(got, want, tol_o, tol_g, str(case))
 
 
+@pytest.mark.slow  # lowering only (47 s on a loaded machine); the kernels lower everyday above
 def test_cost_model_matches_the_launched_kernels():
     """kernels/chunk_cost.py's rows are the kernels the programs launch: the same stages, in
     order, with the same grids (read from the lowered CUDA programs), and the float32 buffer the
