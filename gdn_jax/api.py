@@ -336,6 +336,11 @@ def _xla_backward(cfg: _Config, inputs, h0, cu, idx, cotangents):
         cotangents = (*cotangents[:2], None)
     if impl == "recurrent" and inputs[0].shape[1] > RECURRENT_BWD_MAX_T and not cfg.num_snapshots:
         impl = "chunked"
+    if impl == "recurrent" and h0 is not None and h0.dtype == jnp.bfloat16:
+        # The XLA recurrent path carries a bf16 pool or blocked state as its uint16 bits (a
+        # bitcast: no gradient through it); the chunked path (snapshots: the reference) gathers
+        # and rounds the same way and differentiates.
+        impl = "reference" if cfg.num_snapshots else "chunked"
     fn = _xla_fn(cfg, impl)
     if h0 is None:  # no state to differentiate: keep None out of jax.vjp
         _, vjp = jax.vjp(lambda *a: fn(*a, None, cu, idx), *inputs)

@@ -117,3 +117,28 @@ def test_non_float_state_raises(dtype):
     args, h = _inputs(1, 2, kda=False)
     with pytest.raises(TypeError, match="initial_state"):
         gated_delta_net(*args, initial_state=h.astype(dtype), output_final_state=True)
+
+
+def test_bf16_pool_gradients_on_the_recurrent_path():
+    """A bf16 pool through the XLA recurrent path at T = 1 (it carries the pool as uint16 bits,
+    which autodiff cannot see through): the op's backward runs on the chunked path, so all six
+    gradients equal the reference's on the same pool (they were wrong by 100% before)."""
+    rng = np.random.default_rng(0)
+    B, T, H, K, V, P = 2, 1, 2, 8, 8, 4
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, H, d)), jnp.float32) for d in (K, K, V))
+    g = jnp.asarray(-rng.uniform(0, 1, (B, T, H)), jnp.float32)
+    beta = jnp.asarray(rng.uniform(0, 1, (B, T, H)), jnp.float32)
+    pool = jnp.asarray(rng.standard_normal((P, H, K, V)), jnp.bfloat16)
+    idx = jnp.asarray([2, 0], jnp.int32)
+
+    def grads(impl):
+        def loss(*a):
+            o, s = gated_delta_net(*a[:5], initial_state=a[5], state_indices=idx,
+                                   output_final_state=True, impl=impl, backend="xla",
+                                   use_qk_l2norm_in_kernel=True)
+            return jnp.sum(o ** 2) + jnp.sum(s.astype(jnp.float32) ** 2)
+        return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(q, k, v, g, beta, pool)
+
+    for name, got, want in zip("q k v g beta pool".split(), grads("recurrent"), grads("reference")):
+        assert got.dtype == want.dtype, name
+        assert rel_err(got, want) < 1e-4, (name, rel_err(got, want))
