@@ -66,6 +66,7 @@ def test_prefill_then_decode_equals_one_prefill(kind):
     np.testing.assert_allclose(cache.conv_state, cache_full.conv_state, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_short_prompt_conv_state_is_left_padded():
     cfg, params, fn = setup("gdn")
     x = jax.random.normal(jax.random.PRNGKey(3), (1, 2, cfg.hidden_size))
@@ -117,6 +118,7 @@ def test_grads_match_reference_autodiff():
         assert rel_err(g_op[k], g_ref[k]) < 1e-4, k
 
 
+@pytest.mark.slow
 def test_attention_mask_zeroes_padding():
     cfg, params, fn = setup("gdn")
     x = jax.random.normal(jax.random.PRNGKey(7), (1, 5, cfg.hidden_size))
@@ -126,6 +128,7 @@ def test_attention_mask_zeroes_padding():
     np.testing.assert_allclose(y_m, y_z, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_bf16_params_run():
     params = layers.init_gdn_params(jax.random.PRNGKey(0), GDN_CFG, dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 4, GDN_CFG.hidden_size), jnp.bfloat16)

@@ -64,11 +64,11 @@ FWD_CASES = [
     (1, 128, 2, 2, 32, 32, F16, False, True, True, F16),     # two whole chunks
     (1, 70, 1, 2, 128, 32, BF16, True, True, True, F32),     # K=128: two 16-column value blocks
 ]
-# Everyday tier: case 4, the forward's V-block grid axis (V = 128: four 32-column blocks) and
-# a ragged single chunk (T = 1, 63 masked rows), bf16, no initial state, B = 2. Ragged and
-# carried chunks, grouped heads and h0 of the forward with the output run in the everyday
-# tier through the op (tests/test_weak_decay.py's chunked-pallas row, tests/test_op.py).
-EVERYDAY_FWD = (4,)
+# Full suite only: the forward kernels run in the everyday tier through the op, ragged and
+# carried chunks, grouped heads and h0 (tests/test_weak_decay.py's chunked-pallas row,
+# tests/test_op.py), and inside the KDA test below. Case 4 (the forward's V-block grid axis,
+# V = 128: four 32-column blocks; a ragged single chunk, T = 1) is the cheapest to add back.
+EVERYDAY_FWD = ()
 
 
 @pytest.mark.parametrize("B,T,Hk,Hv,K,V,dtype,has_h0,l2,ht,gdt",
