@@ -29,6 +29,10 @@ import warnings
 # Before jax is imported: without a driver the CUDA plugin then registers quietly.
 if "JAX_PLATFORMS" not in os.environ and not os.path.exists("/dev/nvidiactl"):
     os.environ["JAX_PLATFORMS"] = "cpu"
+# XLA's GPU compile captures stack traces it never prints, and LLVM symbolizes each one in an
+# llvm-symbolizer subprocess: 33 of them seen in 50 s of this script, each a second of a core.
+# Unsymbolized (the raw addresses) they cost nothing; a crash's trace is then unsymbolized too.
+os.environ.setdefault("LLVM_DISABLE_SYMBOLIZATION", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gdn_jax.lowering import abstract_gpu, lower  # noqa: E402
